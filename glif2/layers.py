@@ -1,0 +1,88 @@
+"""Time-merged stateless layers and threshold-dependent BatchNorm (tdBN).
+
+Shape letters: t steps, b batch, c channels, h w space.
+
+Stateless layers (conv, BN, pooling, linear) see every step at once on the time-merged batch `(t b) c h w`;
+that is also why tdBN's statistics are taken jointly over time, batch and space.
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+# Merge and split patterns by the rank of the time-first tensor.
+_MERGE = {5: ("t b c h w -> (t b) c h w", "(t b) c h w -> t b c h w"), 3: ("t b c -> (t b) c", "(t b) c -> t b c")}
+
+
+def merge_time(x: Tensor) -> Tensor:
+    """`t b c h w -> (t b) c h w` (or `t b c -> (t b) c`)."""
+    if x.dim() not in _MERGE:
+        raise ValueError(f"expected a time-first `t b c h w` or `t b c` tensor, got shape {tuple(x.shape)}")
+    return rearrange(x, _MERGE[x.dim()][0])
+
+
+def split_time(x: Tensor, t: int) -> Tensor:
+    """`(t b) c h w -> t b c h w` (or `(t b) c -> t b c`)."""
+    if x.dim() + 1 not in _MERGE:
+        raise ValueError(f"expected a time-merged `(t b) c h w` or `(t b) c` tensor, got shape {tuple(x.shape)}")
+    return rearrange(x, _MERGE[x.dim() + 1][1], t=t)
+
+
+class TimeMerged(nn.Sequential):
+    """Runs stateless layers on `(t b) ...` and splits the result back to `t b ...`.
+
+    Children are named 0, 1, ... like SpikingJelly's SeqToANNContainer, so the reference checkpoints' keys
+    (`conv1.0.0.weight`) map one to one.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return split_time(super().forward(merge_time(x)), t=x.shape[0])
+
+
+class tdBatchNorm(nn.BatchNorm2d):
+    """Threshold-dependent BatchNorm (Zheng et al. 2021) on time-merged input `(t b) c h w`.
+
+    y = alpha * v_th * (x - mean) / sqrt(var + eps) * weight + bias, with mean and var per channel over
+    `(t b) h w`: an ordinary BN whose affine weight is pre-scaled by alpha * v_th. ``alpha`` is a plain attribute
+    (not saved, as in the reference: 1 or 1/sqrt(2) by position); ``v_th`` is a saved buffer holding the fixed
+    threshold constant (0.5), not the neuron's learnable threshold (GLIF.md §7, Q11).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        alpha: float = 1.0,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        v_th: float = 0.5,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.alpha = alpha
+        self.register_buffer("v_th", torch.tensor(float(v_th)))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", alpha={self.alpha:.6g}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as BatchNorm2d
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or not self.track_running_stats
+        scale = self.alpha * self.v_th
+        weight = scale * self.weight if self.weight is not None else scale.expand(self.num_features)
+        return F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )

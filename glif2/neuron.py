@@ -1,0 +1,353 @@
+"""The GLIF neuron (Yao et al., NeurIPS 2022): one module for the whole family, fused by torch.compile.
+
+Shape letters: t steps, b batch, c channels, n the flattened trailing (spatial) dims.
+
+Per step, with u_{-1} = 0 and o_{-1} = 0 (GLIF.md §3):
+
+    I_t = x_t * (1 - beta * (1 - c_t))
+    u_t = (1 - alpha * (1 - tau)) * u_{t-1} * (1 - gamma * o_{t-1}) - (1 - alpha) * leak + I_t
+          - (1 - gamma) * v_reset * o_{t-1}
+    o_t = H(u_t - v_th)                      (strict: u_t == v_th gives no spike)
+
+GLIF_f (the "coarsely fused" ablation) sums every feature without gates:
+
+    u_t = tau * u_{t-1} * (1 - o_{t-1}) - leak + c_t * x_t - v_reset * o_{t-1}
+
+Both are one recursion over per-channel coefficients, which is what the fused kernels run:
+
+    u_t = decay * u_{t-1} * (1 - hard * o_{t-1}) - drift + gain_t * x_t - soft * o_{t-1}
+
+    GLIF:   decay = 1 - alpha (1 - tau), hard = gamma, drift = (1 - alpha) leak, soft = (1 - gamma) v_reset,
+            gain_t = 1 - beta (1 - c_t)
+    GLIF_f: decay = tau, hard = 1, drift = leak, soft = v_reset, gain_t = c_t
+
+The coefficients are computed once per call from the sigmoid of the stored logits (a few tiny ops); their
+gradients flow back to the logits through ordinary autograd, so hard (straight-through) and static (detached)
+gates need nothing from the kernels. The reset terms are not detached (as in the reference).
+"""
+
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from glif2.compile import compile_kernel
+from glif2.surrogate import get_surrogate
+
+VARIANTS = ("glif", "glif_f")
+GATE_MODES = ("soft", "hard", "static_soft", "static_hard")
+
+
+class GLIFState(NamedTuple):
+    u: Tensor  # membrane potential before reset, b c n
+    o: Tensor  # spike of the previous step, b c n
+
+
+class GLIFCoeffs(NamedTuple):
+    """Per-channel coefficients of the recursion; every field is `c 1` except gain (`t c 1`)."""
+
+    decay: Tensor
+    hard: Tensor
+    drift: Tensor
+    soft: Tensor
+    v_th: Tensor
+    gain: Tensor
+
+
+def glif_step(x_t: Tensor, gain_t: Tensor, state: GLIFState, p: GLIFCoeffs) -> tuple[Tensor, GLIFState]:
+    """One time step. x_t: b c n (compute dtype); gain_t: c 1. Returns (spike, new state)."""
+    u = p.decay * state.u * (1.0 - p.hard * state.o) - p.drift + gain_t * x_t - p.soft * state.o
+    o = (u > p.v_th).to(u.dtype)
+    return o, GLIFState(u, o)
+
+
+def _compute_dtype(x: Tensor, p: GLIFCoeffs) -> torch.dtype:
+    # The membrane is accumulated in at least float32 (bf16/fp16 inputs), and in float64 when the neuron's
+    # parameters are float64 (the released CIFAR10-DVS gates, GLIF.md Q13).
+    return torch.promote_types(torch.promote_types(x.dtype, p.decay.dtype), torch.float32)
+
+
+def _initial_state(x: Tensor, dtype: torch.dtype) -> GLIFState:
+    zero = torch.zeros(x.shape[1:], dtype=dtype, device=x.device)
+    return GLIFState(zero, zero)
+
+
+def glif_forward(x: Tensor, p: GLIFCoeffs) -> Tensor:
+    """All T steps. x: t b c n -> spikes t b c n (x's dtype)."""
+    dtype = _compute_dtype(x, p)
+    state = _initial_state(x, dtype)
+    spikes = []
+    for t in range(x.shape[0]):
+        o, state = glif_step(x[t].to(dtype), p.gain[t], state, p)
+        spikes.append(o.to(x.dtype))
+    return torch.stack(spikes)
+
+
+def glif_backward(
+    grad_out: Tensor, x: Tensor, p: GLIFCoeffs, surrogate: str, width: float
+) -> tuple[Tensor, GLIFCoeffs]:
+    """Hand-derived BPTT. Recomputes u from x (nothing else is saved), then runs the recursion backwards.
+
+    With h_t = 1 - hard * o_{t-1} and sg_t = surrogate'(u_t - v_th):
+        dL/do_t = g_t - du_{t+1} * (decay * hard * u_t + soft)
+        du_t    = dL/do_t * sg_t + du_{t+1} * decay * h_{t+1}
+    and the coefficient gradients follow from u_t's dependence on each of them. Parameter gradients are summed
+    over n inside the fused loop (giving b c partials) and over b afterwards: one iteration order, so inductor
+    keeps the whole backward in one loop nest.
+    """
+    derivative = get_surrogate(surrogate).derivative
+    dtype = _compute_dtype(x, p)
+    steps = x.shape[0]
+    state = _initial_state(x, dtype)
+    us, os_ = [], []
+    for t in range(steps):
+        _, state = glif_step(x[t].to(dtype), p.gain[t], state, p)
+        us.append(state.u)
+        os_.append(state.o)
+
+    zero = torch.zeros_like(us[0])
+    d_decay = d_hard = d_drift = d_soft = d_vth = zero
+    d_gain, d_x = [], []
+    du_next = zero
+    for t in reversed(range(steps)):
+        u, o = us[t], os_[t]
+        u_prev, o_prev = (us[t - 1], os_[t - 1]) if t > 0 else (zero, zero)
+        d_o = grad_out[t].to(dtype)
+        if t < steps - 1:
+            d_o = d_o - du_next * (p.decay * p.hard * u + p.soft)
+        d_fire = d_o * derivative(u - p.v_th, width)
+        du = d_fire if t == steps - 1 else d_fire + du_next * p.decay * (1.0 - p.hard * o)
+        kept = u_prev * (1.0 - p.hard * o_prev)
+        d_decay = d_decay + du * kept
+        d_hard = d_hard - du * p.decay * u_prev * o_prev
+        d_drift = d_drift - du
+        d_soft = d_soft - du * o_prev
+        d_vth = d_vth - d_fire
+        d_gain.append((du * x[t].to(dtype)).sum(-1, keepdim=True))
+        d_x.append((du * p.gain[t]).to(x.dtype))
+        du_next = du
+
+    def per_channel(g: Tensor) -> Tensor:  # b c n -> c 1
+        return g.sum(-1, keepdim=True).sum(0)
+
+    grads = GLIFCoeffs(
+        decay=per_channel(d_decay),
+        hard=per_channel(d_hard),
+        drift=per_channel(d_drift),
+        soft=per_channel(d_soft),
+        v_th=per_channel(d_vth),
+        gain=torch.stack(d_gain[::-1]).sum(1),  # t b c 1 -> t c 1
+    )
+    return torch.stack(d_x[::-1]), grads
+
+
+_glif_forward_compiled = compile_kernel(glif_forward)
+_glif_backward_compiled = compile_kernel(glif_backward)
+
+
+class GLIFFunction(torch.autograd.Function):
+    """Fused GLIF over all steps: compiled forward, compiled hand-derived backward, only x saved."""
+
+    @staticmethod
+    def forward(x: Tensor, surrogate: str, width: float, eager: bool, *coeffs: Tensor) -> Tensor:
+        run = glif_forward if eager or torch.compiler.is_compiling() else _glif_forward_compiled
+        return run(x, GLIFCoeffs(*coeffs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, surrogate, width, eager, *coeffs = inputs
+        ctx.save_for_backward(x, *coeffs)
+        ctx.surrogate, ctx.width, ctx.eager = surrogate, width, eager
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, *coeffs = ctx.saved_tensors
+        run = glif_backward if ctx.eager or torch.compiler.is_compiling() else _glif_backward_compiled
+        d_x, d_coeffs = run(grad_out, x, GLIFCoeffs(*coeffs), ctx.surrogate, ctx.width)
+        return d_x, None, None, None, *d_coeffs
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Hard gate (the reference's ArchAct): 1 where sigmoid(logit) > 0.5 else 0; identity gradient."""
+
+    @staticmethod
+    def forward(p: Tensor) -> Tensor:
+        return (p > 0.5).to(p.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _logit(p: float) -> float:
+    return float(torch.logit(torch.tensor(p, dtype=torch.float64)))
+
+
+def _check_open_unit(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name}={value} must lie in (0, 1): it is stored as a logit and used through a sigmoid")
+
+
+class GLIF(nn.Module):
+    """Gated leaky integrate-and-fire neuron over T steps (stateless: u and o start at 0 on every call).
+
+    Args:
+        T: number of time steps; the input's first dim must equal it.
+        channels: None for the layer-wise neuron (scalar parameters, conduct `t`), or C for the channel-wise
+            neuron (parameters `c`, conduct `t c`; the input's dim 2 must equal C).
+        variant: "glif" (gated) or "glif_f" (the gate-free GLIF_f ablation).
+        gates: "soft" (sigmoid gates), "hard" (binary forward, straight-through backward), "static_soft" or
+            "static_hard" (the same, detached: not learned).
+        gate: initial (alpha, beta, gamma) gate values g in (-0.5, 1.5), squashed as in the paper's code to
+            sigmoid(logit) = 0.25 + g / 2 (so the defaults start at 0.55, 0.65, 0.55).
+        tau, v_th, leak, v_reset, conduct: initial values in (0, 1) of the decay factor, threshold, linear leak,
+            soft-reset amount and conductance.
+        surrogate: "rect" (the reference window |u - v_th| < 0.5), "sigmoid", "atan" or "triangle".
+        surrogate_width: width of the surrogate window (1.0 reproduces the reference rectangle).
+        eager: run the same forward/backward uncompiled (for debugging).
+
+    Parameters are stored as logits under the names alpha, beta, gamma, tau, v_th, leak, v_reset, conduct.
+    GLIF_f has no alpha/beta but keeps an unused gamma so that the reference's GLIF_f checkpoints load strictly.
+    The layer-wise neuron stores +logit for its gates like the channel-wise one; the reference stores -logit
+    there (GLIF.md Q3), which only changes its initial values; loaded logits mean the same in both.
+
+    Input x: `t b c ...` (any trailing dims: `t b c h w` after a conv, `t b c` after a linear layer), float.
+    Output: spikes in {0, 1}, same shape and dtype.
+    """
+
+    def __init__(
+        self,
+        T: int,
+        channels: int | None = None,
+        *,
+        variant: str = "glif",
+        gates: str = "soft",
+        gate: tuple[float, float, float] = (0.6, 0.8, 0.6),
+        tau: float = 0.25,
+        v_th: float = 0.5,
+        leak: float = 0.0625,
+        v_reset: float = 0.5,
+        conduct: float = 0.5,
+        surrogate: str = "rect",
+        surrogate_width: float = 1.0,
+        eager: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(T, int) or T < 1:
+            raise ValueError(f"T={T!r} must be a positive int")
+        if channels is not None and (not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"channels={channels!r} must be None (layer-wise) or a positive int (channel-wise)")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r}; choose one of {VARIANTS}")
+        if gates not in GATE_MODES:
+            raise ValueError(f"gates={gates!r}; choose one of {GATE_MODES}")
+        if len(gate) != 3 or not all(-0.5 < g < 1.5 for g in gate):
+            raise ValueError(f"gate={gate!r} must be three values in (-0.5, 1.5) for (alpha, beta, gamma)")
+        for name, value in dict(tau=tau, v_th=v_th, leak=leak, v_reset=v_reset, conduct=conduct).items():
+            _check_open_unit(name, value)
+        get_surrogate(surrogate)
+        if surrogate_width <= 0:
+            raise ValueError(f"surrogate_width={surrogate_width} must be positive")
+
+        self.T, self.channels, self.variant, self.gates = T, channels, variant, gates
+        self.surrogate, self.surrogate_width, self.eager = surrogate, float(surrogate_width), eager
+        shape = () if channels is None else (channels,)
+
+        def param(value: float, size=shape) -> nn.Parameter:
+            return nn.Parameter(torch.full(size, _logit(value)))
+
+        names = ("alpha", "beta", "gamma") if variant == "glif" else ("gamma",)
+        for name, g in zip(("alpha", "beta", "gamma"), gate):
+            if name in names:
+                self.register_parameter(name, param(0.25 + g / 2))  # the paper code's squashed gate init
+        self.tau = param(tau)
+        self.v_th = param(v_th)
+        self.leak = param(leak)
+        self.v_reset = param(v_reset)  # initialised like v_th, but an independent parameter
+        self.conduct = param(conduct, (T, *shape))
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.T}, channels={self.channels}, variant={self.variant!r}, gates={self.gates!r}, "
+            f"surrogate={self.surrogate!r}" + (", eager=True" if self.eager else "")
+        )
+
+    def _gate(self, logit: Tensor) -> Tensor:
+        if self.gates.startswith("static"):
+            logit = logit.detach()
+        p = torch.sigmoid(logit)
+        return _StraightThrough.apply(p) if self.gates.endswith("hard") else p
+
+    def values(self) -> dict[str, Tensor]:
+        """The effective values (sigmoids of the logits; gates after the gate mode): alpha ... conduct."""
+        out = {}
+        if self.variant == "glif":
+            out.update(alpha=self._gate(self.alpha), beta=self._gate(self.beta), gamma=self._gate(self.gamma))
+        for name in ("tau", "v_th", "leak", "v_reset", "conduct"):
+            out[name] = torch.sigmoid(getattr(self, name))
+        return out
+
+    def coefficients(self) -> GLIFCoeffs:
+        """The recursion's coefficients, shaped `c 1` (gain `t c 1`); c = 1 for the layer-wise neuron."""
+        v = self.values()
+        if self.variant == "glif":
+            decay = 1.0 - v["alpha"] * (1.0 - v["tau"])
+            hard, drift = v["gamma"], (1.0 - v["alpha"]) * v["leak"]
+            soft, gain = (1.0 - v["gamma"]) * v["v_reset"], 1.0 - v["beta"] * (1.0 - v["conduct"])
+        else:
+            decay, hard, drift = v["tau"], torch.ones_like(v["tau"]), v["leak"]
+            soft, gain = v["v_reset"], v["conduct"]
+        col = "c -> c 1" if self.channels is not None else " -> 1 1"
+        return GLIFCoeffs(
+            decay=rearrange(decay, col),
+            hard=rearrange(hard, col),
+            drift=rearrange(drift, col),
+            soft=rearrange(soft, col),
+            v_th=rearrange(v["v_th"], col),
+            gain=rearrange(gain, "t c -> t c 1" if self.channels is not None else "t -> t 1 1"),
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        if not (x.is_floating_point()):
+            raise ValueError(f"GLIF input must be a float tensor, got {x.dtype}; cast it, e.g. x.float()")
+        if x.dim() < 3:
+            raise ValueError(
+                f"GLIF input must be time-first `t b c ...` (rank >= 3), got shape {tuple(x.shape)}; "
+                "repeat static inputs over T first"
+            )
+        if x.shape[0] != self.T:
+            raise ValueError(
+                f"GLIF was built for T={self.T} steps but the input has {x.shape[0]} on dim 0 "
+                f"(shape {tuple(x.shape)}); pass `t b c ...` with t={self.T} or build GLIF(T={x.shape[0]})"
+            )
+        if self.channels is not None and x.shape[2] != self.channels:
+            raise ValueError(
+                f"GLIF has {self.channels} channels but the input has {x.shape[2]} on dim 2 "
+                f"(shape {tuple(x.shape)}); build GLIF(T, channels={x.shape[2]}) or fix the layer before it"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        # The kernels see t b c n: channels on dim 2 (one "channel" for the layer-wise neuron), the rest flat.
+        pattern = "t b c ... -> t b c (...)" if self.channels is not None else "t b ... -> t b 1 (...)"
+        flat = rearrange(x, pattern)
+        spikes = GLIFFunction.apply(flat, self.surrogate, self.surrogate_width, self.eager, *self.coefficients())
+        return spikes.reshape(x.shape)  # t b c n -> x's own `t b c ...` (a view)
+
+
+@torch.no_grad()
+def randomize_gates(module: nn.Module, low: float = -0.1, high: float = 0.1) -> nn.Module:
+    """The paper's `--randomgate`: every sub-module with alpha, beta and gamma gets logits drawn from U(low, high).
+
+    GLIF_f modules (no alpha/beta) keep their initial gates, as in the reference. Returns the module.
+    """
+    for m in module.modules():
+        if all(isinstance(getattr(m, name, None), torch.Tensor) for name in ("alpha", "beta", "gamma")):
+            for name in ("alpha", "beta", "gamma"):
+                getattr(m, name).uniform_(low, high)
+    return module
