@@ -1,0 +1,128 @@
+"""Data pipelines: one entry point, `build_loader`, for CIFAR-10/100, ImageNet, CIFAR10-DVS and digits.
+
+Shape letters: b batch, c channels, h w space, t steps, k classes.
+
+| dataset      | x (float32)          | backends      | normalisation constants           |
+|--------------|----------------------|---------------|-----------------------------------|
+| "cifar10"    | `b 3 32 32`          | dali, torch   | CIFAR10_MEAN / CIFAR10_STD        |
+| "cifar100"   | `b 3 32 32`          | dali, torch   | CIFAR100_MEAN / CIFAR100_STD      |
+| "imagenet"   | `b 3 224 224`        | dali, torch   | IMAGENET_MEAN / IMAGENET_STD      |
+| "cifar10dvs" | `b t 2 48 48`        | torch (tonic) | none (raw event counts)           |
+| "digits"     | `b 1 8 8`            | torch         | DIGITS_MEAN / DIGITS_STD          |
+
+y is int64 `b`. DALI and tonic are imported only when their pipelines are built, so `import pipelines` needs
+neither.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from pipelines._common import ShardedLoader, check_common
+from pipelines.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from pipelines.cifar10dvs import CIFAR10DVS_MEAN, CIFAR10DVS_STD
+from pipelines.digits import DIGITS_MEAN, DIGITS_STD
+from pipelines.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "cifar10dvs", "digits")
+DALI_DATASETS = ("cifar10", "cifar100", "imagenet")
+BACKENDS = ("auto", "dali", "torch")
+
+# dataset name -> (mean, std) per channel, for models and eval scripts that need them.
+NORMALIZATION = {
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar10dvs": (CIFAR10DVS_MEAN, CIFAR10DVS_STD),
+    "digits": (DIGITS_MEAN, DIGITS_STD),
+}
+
+__all__ = ["build_loader", "dali_available", "resolve_backend", "ShardedLoader", "DATASETS", "NORMALIZATION",
+           "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+           "CIFAR10DVS_MEAN", "CIFAR10DVS_STD", "DIGITS_MEAN", "DIGITS_STD"]
+
+
+def dali_available() -> bool:
+    """True when NVIDIA DALI is installed (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolve_backend(dataset: str, backend: str) -> str:
+    """Turns "auto" into "dali" (installed and the dataset has a DALI path) or "torch"; validates the choice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "dali" if dataset in DALI_DATASETS and dali_available() else "torch"
+    if backend == "dali":
+        if dataset not in DALI_DATASETS:
+            raise ValueError(f"{dataset} has no DALI pipeline (DALI: {', '.join(DALI_DATASETS)}); use backend='torch'")
+        if not dali_available():
+            raise ValueError("backend='dali' but NVIDIA DALI is not installed: pip install 'glif2[dali]' or use "
+                             "backend='torch'")
+    return backend
+
+
+def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None, batch_size: int,
+                 T: int | None = None, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 backend: str = "auto", seed: int = 0, download: bool = False, **options: Any) -> ShardedLoader:
+    """Builds the loader of one split of one dataset for one rank.
+
+    Training (`split="train"`): a new permutation each epoch from (seed, epoch), the same on every rank (call
+    `set_epoch(e)`); each rank takes a disjoint shard and only whole batches (static shapes for CUDA graphs), so
+    up to `world_size * batch_size - 1` samples per epoch are skipped. Test (`"test"`, or `"val"`): in order,
+    contiguous per-rank blocks, the last batch may be short, every sample is seen exactly once over all ranks.
+
+    Args:
+        dataset: one of DATASETS.
+        split: "train" or "test" ("val" is accepted as "test", e.g. ImageNet's val folder).
+        data_dir: dataset root (CIFAR: the torchvision root; ImageNet: holds train/ and val/; CIFAR10-DVS: tonic's
+            save_to, holding CIFAR10DVS/). Unused by digits.
+        batch_size: per-rank batch size.
+        T: frames per recording (cifar10dvs only; static images are repeated over time by the model).
+        rank: this process's rank.
+        world_size: number of processes.
+        device: where the batches are produced ("cpu", "cuda", "cuda:N").
+        backend: "auto" (DALI when installed and the dataset has a DALI path), "dali" or "torch".
+        seed: base seed of permutations and augmentation.
+        download: fetch missing data where the library supports it (CIFAR via torchvision, CIFAR10-DVS via tonic).
+        **options: dataset-specific keywords, e.g. `remap`, `cache_dir`, `num_workers` (cifar10dvs),
+            `num_threads` (DALI), `num_workers`, `verify` (imagenet).
+
+    Returns:
+        An iterable of `(x, y)` on `device` with `len()`, `set_epoch()`, and the attributes `num_samples` (this
+        rank, per epoch), `num_classes` and `dataset_size` (the whole split).
+
+    Raises:
+        ValueError: bad arguments or unreadable files (the message names the file and what to do).
+        FileNotFoundError: missing folders or files (the message names the expected layout).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    check_common(batch_size=batch_size, rank=rank, world_size=world_size)
+    backend = resolve_backend(dataset, backend)
+    if dataset != "digits" and data_dir is None:
+        raise ValueError(f"{dataset} needs data_dir")
+    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed)
+    if dataset in ("cifar10", "cifar100"):
+        from pipelines.cifar import build_cifar
+
+        return build_cifar(dataset, split, data_dir=data_dir, backend=backend, download=download, **common,
+                           **options)
+    if dataset == "imagenet":
+        from pipelines.imagenet import build_imagenet
+
+        return build_imagenet(split, data_dir=data_dir, backend=backend, **common, **options)
+    if dataset == "cifar10dvs":
+        from pipelines.cifar10dvs import build_cifar10dvs
+
+        return build_cifar10dvs(split, data_dir=data_dir, T=T, download=download, **common, **options)
+    from pipelines.digits import build_digits
+
+    return build_digits(split, **common, **options)
