@@ -69,6 +69,25 @@ def resolve_backend(dataset: str, backend: str) -> str:
     return backend
 
 
+# Dataset-specific keywords of build_loader. The generic knobs `num_workers` and `num_threads` are accepted for every
+# dataset (train.py can pass them unconditionally) and dropped where the backend has no use for them.
+_OPTIONS = {
+    ("cifar10", "dali"): {"num_threads"},
+    ("cifar100", "dali"): {"num_threads"},
+    ("imagenet", "dali"): {"num_threads", "verify"},
+    ("imagenet", "torch"): {"num_workers", "verify"},
+    ("cifar10dvs", "torch"): {"remap", "cache_dir", "cache", "num_workers", "verify"},
+}
+
+
+def _options(dataset: str, backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    allowed = _OPTIONS.get((dataset, backend), set())
+    unknown = set(options) - allowed - {"num_workers", "num_threads"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {dataset} ({backend}); allowed: {sorted(allowed)}")
+    return {k: v for k, v in options.items() if k in allowed}
+
+
 def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None, batch_size: int,
                  T: int | None = None, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  backend: str = "auto", seed: int = 0, download: bool = False, **options: Any) -> ShardedLoader:
@@ -109,6 +128,7 @@ def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None
     backend = resolve_backend(dataset, backend)
     if dataset != "digits" and data_dir is None:
         raise ValueError(f"{dataset} needs data_dir")
+    options = _options(dataset, backend, options)
     common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed)
     if dataset in ("cifar10", "cifar100"):
         from pipelines.cifar import build_cifar

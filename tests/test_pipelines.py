@@ -1,0 +1,615 @@
+"""Data pipelines on tiny datasets written in the real on-disk formats; DALI runs on CPU (device_id=None).
+
+Shape letters: b batch, c channels, h w space, t steps, n samples.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pipelines
+from pipelines import cifar, cifar10dvs, digits, imagenet
+from pipelines._common import crop_flip, shard_indices
+
+sys.path.insert(0, os.path.dirname(__file__))
+from datasets_fixtures import write_aedat4, write_cifar, write_cifar10dvs, write_imagenet  # noqa: E402
+
+BACKENDS = ["dali", "torch"] if pipelines.dali_available() else ["torch"]
+cuda = pytest.mark.gpu
+
+
+# helpers
+
+
+def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*[(x.cpu(), y.cpu()) for x, y in loader])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def denormalize(x: torch.Tensor, mean, std) -> np.ndarray:
+    """float32 `b c h w` -> uint8 `b h w c` (exact: the pipelines normalise uint8 data)."""
+    m = rearrange(torch.tensor(mean), "c -> c 1 1")
+    s = rearrange(torch.tensor(std), "c -> c 1 1")
+    u8 = torch.round((x * s + m) * 255)
+    assert u8.min() >= 0 and u8.max() <= 255
+    return rearrange(u8.to(torch.uint8), "b c h w -> b h w c").numpy()
+
+
+def colour_ids(n: int) -> np.ndarray:
+    """uint8 `n 32 32 3` images of one colour each, unique per index (recoverable after any crop/flip)."""
+    ids = np.arange(n)
+    rgb = np.stack([ids % 251 + 1, ids // 251 + 1, np.full(n, 200)], axis=1).astype(np.uint8)
+    return np.broadcast_to(rgb[:, None, None, :], (n, 32, 32, 3)).copy()
+
+
+def ids_of(x: torch.Tensor, mean, std) -> np.ndarray:
+    # Pixel (16, 16) always comes from inside the unpadded image: crop offsets are at most 4.
+    px = denormalize(x, mean, std)[:, 16, 16].astype(np.int64)
+    return (px[:, 0] - 1) + 251 * (px[:, 1] - 1)
+
+
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def cifar_data(tmp_path_factory):
+    """Random-pixel CIFAR-10 and CIFAR-100 (for augmentation checks) and colour-id CIFAR-10 (for sharding)."""
+    rng = np.random.default_rng(0)
+    root = str(tmp_path_factory.mktemp("cifar"))
+    xtr = rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    ytr = rng.integers(0, 10, 96)
+    xte = rng.integers(0, 256, (45, 32, 32, 3), dtype=np.uint8)
+    yte = rng.integers(0, 10, 45)
+    write_cifar(root, "cifar10", xtr, ytr, xte, yte)
+    write_cifar(root, "cifar100", xtr, ytr * 10 + 3, xte, yte * 10 + 3)
+    ids_root = str(tmp_path_factory.mktemp("cifar_ids"))
+    write_cifar(ids_root, "cifar10", colour_ids(203), np.arange(203) % 10, colour_ids(77), np.arange(77) % 10)
+    return dict(root=root, ids_root=ids_root, train=(xtr, ytr), test=(xte, yte))
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("imagenet"))
+    write_imagenet(root, classes=3, train_per_class=4, val_per_class=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dvs_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dvs"))
+    # 12 per class: the lexicographic order 0, 1, 10, 11, 2, ..., 9 makes the split order visible.
+    write_cifar10dvs(root, per_class=12, events=(30, 300))
+    return root
+
+
+# contract: shapes, dtypes, labels, counts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_contract(cifar_data, name, backend):
+    n_classes = 10 if name == "cifar10" else 100
+    train = pipelines.build_loader(name, "train", data_dir=cifar_data["root"], batch_size=20, backend=backend)
+    assert (train.num_samples, train.dataset_size, train.num_classes, len(train)) == (80, 96, n_classes, 4)
+    batches = list(train)
+    assert len(batches) == 4
+    for x, y in batches:
+        assert x.shape == (20, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (20,) and y.dtype == torch.int64
+    test = pipelines.build_loader(name, "test", data_dir=cifar_data["root"], batch_size=20, backend=backend)
+    assert (test.num_samples, test.dataset_size, len(test)) == (45, 45, 3)
+    x, y = collect(test)
+    assert [len(b[1]) for b in test] == [20, 20, 5]
+    xte, yte = cifar_data["test"]
+    expect_y = yte if name == "cifar10" else yte * 10 + 3
+    np.testing.assert_array_equal(y.numpy(), expect_y)
+    mean, std = pipelines.NORMALIZATION[name]
+    # The test split is the plain normalised image, in file order.
+    ref = (torch.from_numpy(rearrange(xte, "n h w c -> n c h w")).float() / 255
+           - rearrange(torch.tensor(mean), "c -> c 1 1")) / rearrange(torch.tensor(std), "c -> c 1 1")
+    torch.testing.assert_close(x, ref, atol=2e-5, rtol=0)
+
+
+def test_normalisation_constants():
+    assert cifar.CIFAR10_MEAN == (0.4914, 0.4822, 0.4465) and cifar.CIFAR10_STD == (0.247, 0.243, 0.261)
+    np.testing.assert_allclose(cifar.CIFAR100_MEAN, (0.507059, 0.486667, 0.440784), atol=1e-6)
+    np.testing.assert_allclose(cifar.CIFAR100_STD, (0.267451, 0.256471, 0.276078), atol=1e-6)
+    assert imagenet.IMAGENET_MEAN == (0.485, 0.456, 0.406) and imagenet.IMAGENET_STD == (0.229, 0.224, 0.225)
+    from sklearn.datasets import load_digits
+
+    data = load_digits().data / 16.0
+    np.testing.assert_allclose((digits.DIGITS_MEAN[0], digits.DIGITS_STD[0]), (data.mean(), data.std()), rtol=1e-12)
+    assert set(pipelines.NORMALIZATION) == set(pipelines.DATASETS)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_imagenet_contract(imagenet_root, backend, split):
+    loader = pipelines.build_loader("imagenet", split, data_dir=imagenet_root, batch_size=5, backend=backend,
+                                    num_workers=0, num_threads=1)
+    x, y = collect(loader)
+    assert loader.num_classes == 3
+    if split == "train":
+        assert (loader.dataset_size, loader.num_samples, len(loader)) == (12, 10, 2)
+        assert x.shape == (10, 3, 224, 224)
+    else:
+        assert (loader.dataset_size, loader.num_samples, len(loader)) == (9, 9, 2)
+        assert x.shape == (9, 3, 224, 224)
+        # Validation is in ImageFolder order: classes sorted, 3 files each.
+        assert y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    # Normalised random pixels: roughly zero mean, unit-ish spread, within the normalised [0, 255] range.
+    lo = min((0 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
+    hi = max((1 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
+    assert lo - 1e-4 <= x.min() and x.max() <= hi + 1e-4 and abs(x.mean()) < 0.5
+
+
+@pytest.mark.skipif("dali" not in BACKENDS, reason="needs DALI")
+def test_imagenet_val_backends_agree(imagenet_root):
+    """DALI's resize/crop and torchvision's differ only by interpolation details."""
+    a = collect(pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="dali",
+                                       num_threads=1))
+    b = collect(pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="torch",
+                                       num_workers=0))
+    assert torch.equal(a[1], b[1])
+    assert (a[0] - b[0]).abs().mean() < 0.15  # random-pixel images: a wrong crop or channel order gives ~1
+
+
+def test_digits_contract():
+    train = pipelines.build_loader("digits", "train", data_dir=None, batch_size=100)
+    test = pipelines.build_loader("digits", "test", data_dir=None, batch_size=100)
+    assert (train.dataset_size, test.dataset_size, train.num_classes) == (1437, 360, 10)
+    assert (train.num_samples, len(train), test.num_samples, len(test)) == (1400, 14, 360, 4)
+    x, y = collect(test)
+    assert x.shape == (360, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # Stratified: every class has 36 (+-1) test samples; the split is the same on every call.
+    assert np.bincount(y.numpy(), minlength=10).min() >= 35
+    torch.testing.assert_close(collect(pipelines.build_loader("digits", "test", data_dir=None, batch_size=7))[0], x)
+    raw, _ = digits.load_digits_split("test")
+    torch.testing.assert_close(x, (torch.from_numpy(raw) - digits.DIGITS_MEAN[0]) / digits.DIGITS_STD[0])
+    xtr, _ = collect(train)
+    assert abs(xtr.mean()) < 0.05 and abs(xtr.std() - 1) < 0.05
+
+
+def test_cifar10dvs_contract(dvs_root, tmp_path):
+    kw = dict(data_dir=dvs_root, batch_size=8, T=4, num_workers=0, cache_dir=str(tmp_path))
+    train = pipelines.build_loader("cifar10dvs", "train", **kw)
+    test = pipelines.build_loader("cifar10dvs", "test", **kw)
+    # 12 per class: ceil(0.9 * 12) = 11 train, 1 test.
+    assert (train.dataset_size, test.dataset_size, train.num_classes) == (110, 10, 10)
+    assert (train.num_samples, len(train), test.num_samples, len(test)) == (104, 13, 10, 2)
+    for x, y in train:
+        assert x.shape == (8, 4, 2, 48, 48) and x.dtype == torch.float32 and y.dtype == torch.int64
+    x, y = collect(test)
+    assert x.shape == (10, 4, 2, 48, 48) and y.tolist() == list(range(10))
+    assert x.min() >= 0 and x.sum() > 0
+
+
+# augmentation
+
+
+def _variants(images: np.ndarray, pad: int) -> dict[bytes, tuple[int, int, int, bool]]:
+    """Every (crop offset, mirror) of every zero-padded source image, keyed by its bytes."""
+    table = {}
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    for i, img in enumerate(padded):
+        for oy in range(2 * pad + 1):
+            for ox in range(2 * pad + 1):
+                win = img[oy:oy + 32, ox:ox + 32]
+                table[np.ascontiguousarray(win).tobytes()] = (i, oy, ox, False)
+                table[np.ascontiguousarray(win[:, ::-1]).tobytes()] = (i, oy, ox, True)
+    return table
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cifar_train_is_padded_crop_and_mirror(cifar_data, backend):
+    """Each training image is a 32 x 32 window of the zero-padded source (inside the 40 x 40 frame), mirrored or
+    not, with the source's label; offsets cover the 9 x 9 grid and both mirror states occur."""
+    xtr, ytr = cifar_data["train"]
+    table = _variants(xtr, cifar.PAD)
+    seen = []
+    loader = pipelines.build_loader("cifar10", "train", data_dir=cifar_data["root"], batch_size=32, backend=backend)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            for img, label in zip(denormalize(x, *pipelines.NORMALIZATION["cifar10"]), y.tolist()):
+                hit = table.get(img.tobytes())
+                assert hit is not None, "output is not a padded crop (or mirror) of any source image"
+                assert ytr[hit[0]] == label
+                seen.append(hit)
+    offsets = {(oy, ox) for _, oy, ox, _ in seen}
+    assert len(offsets) >= 40 and {0, 8} <= {oy for oy, _ in offsets} and {0, 8} <= {ox for _, ox in offsets}
+    flips = [f for *_, f in seen]
+    assert 0.3 < np.mean(flips) < 0.7
+
+
+@given(b=st.integers(1, 4), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), pad=st.integers(0, 4),
+       data=st.data())
+def test_crop_flip_matches_pad_slice_mirror(b, c, h, w, pad, data):
+    seed = data.draw(st.integers(0, 2**16))
+    x = torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    oy = torch.tensor(data.draw(st.lists(st.integers(0, 2 * pad), min_size=b, max_size=b)))
+    ox = torch.tensor(data.draw(st.lists(st.integers(0, 2 * pad), min_size=b, max_size=b)))
+    flip = torch.tensor(data.draw(st.lists(st.booleans(), min_size=b, max_size=b)))
+    out = crop_flip(x, oy, ox, flip, pad=pad)
+    padded = F.pad(x, [pad] * 4)
+    for i in range(b):
+        ref = padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w]
+        assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
+    assert out.dtype == torch.uint8
+    assert torch.equal(crop_flip(x, oy, ox, None, pad=pad), crop_flip(x, oy, ox, torch.zeros(b, dtype=torch.bool),
+                                                                      pad=pad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_validation_is_deterministic_and_epochs_permute(cifar_data, backend):
+    kw = dict(data_dir=cifar_data["root"], batch_size=16, backend=backend)
+    test = pipelines.build_loader("cifar10", "test", **kw)
+    a = collect(test)
+    test.set_epoch(5)
+    b = collect(test)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # Training order: a function of (seed, epoch) only.
+    train, again = (pipelines.build_loader("cifar10", "train", **kw) for _ in range(2))
+    ids = lambda ld: collect(ld)[1].tolist()  # noqa: E731
+    train.set_epoch(1)
+    again.set_epoch(1)
+    order1 = ids(train)
+    assert order1 == ids(again)
+    train.set_epoch(2)
+    assert ids(train) != order1
+
+
+@pytest.mark.skipif("dali" not in BACKENDS, reason="needs DALI")
+def test_cifar_backends_agree_on_test(cifar_data):
+    kw = dict(data_dir=cifar_data["root"], batch_size=16)
+    a = collect(pipelines.build_loader("cifar100", "test", backend="dali", **kw))
+    b = collect(pipelines.build_loader("cifar100", "test", backend="torch", **kw))
+    torch.testing.assert_close(a[0], b[0], atol=2e-5, rtol=0)
+    assert torch.equal(a[1], b[1])
+
+
+def test_dali_pipeline_survives_an_abandoned_pass(cifar_data):
+    if "dali" not in BACKENDS:
+        pytest.skip("needs DALI")
+    loader = pipelines.build_loader("cifar10", "test", data_dir=cifar_data["ids_root"], batch_size=10, backend="dali")
+    full = collect(loader)[1]
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    assert torch.equal(collect(loader)[1], full)
+
+
+def test_auto_backend():
+    assert pipelines.resolve_backend("cifar10", "auto") == ("dali" if pipelines.dali_available() else "torch")
+    assert pipelines.resolve_backend("digits", "auto") == "torch"
+    assert pipelines.resolve_backend("cifar10dvs", "auto") == "torch"
+
+
+# sharding
+
+
+@given(n=st.integers(1, 300), batch=st.integers(1, 40), world=st.integers(1, 5), epoch=st.integers(0, 3))
+def test_shard_indices(n, batch, world, epoch):
+    train = [shard_indices(n, train=True, batch_size=batch, rank=r, world_size=world, seed=3, epoch=epoch)
+             for r in range(world)]
+    per = (n // world) // batch * batch
+    assert all(len(s) == per for s in train)
+    flat = np.concatenate(train)
+    assert len(np.unique(flat)) == len(flat) and (flat < n).all()  # disjoint; drops < world * batch samples
+    assert n - len(flat) < world * batch + world
+    test = [shard_indices(n, train=False, batch_size=batch, rank=r, world_size=world, seed=3, epoch=epoch)
+            for r in range(world)]
+    np.testing.assert_array_equal(np.concatenate(test), np.arange(n))  # exactly once, in order
+    assert max(map(len, test)) - min(map(len, test)) <= 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_cover_cifar_exactly_once(cifar_data, backend):
+    """Training: the ranks' samples are disjoint, the same count each, whole batches; 203 // 2 = 101 per rank,
+    floor(101 / 16) * 16 = 96, so 203 - 192 = 11 samples are dropped per epoch. Test: every id exactly once."""
+    norm = pipelines.NORMALIZATION["cifar10"]
+    kw = dict(data_dir=cifar_data["ids_root"], batch_size=16, backend=backend, world_size=2, seed=7)
+    for epoch in (0, 1):
+        shards = []
+        for rank in (0, 1):
+            loader = pipelines.build_loader("cifar10", "train", rank=rank, **kw)
+            loader.set_epoch(epoch)
+            x, y = collect(loader)
+            ids = ids_of(x, *norm)
+            np.testing.assert_array_equal(ids % 10, y.numpy())
+            assert loader.num_samples == len(ids) == 96
+            shards.append(ids)
+        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0])) == 96
+    test_ids = []
+    for rank in (0, 1):
+        loader = pipelines.build_loader("cifar10", "test", rank=rank, **kw)
+        test_ids.append(ids_of(collect(loader)[0], *norm))
+        assert loader.num_samples == len(test_ids[-1])
+    assert sorted(np.concatenate(test_ids).tolist()) == list(range(77))
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "cifar10dvs", "digits"])
+def test_two_rank_validation_equals_one_rank(dataset, imagenet_root, dvs_root, tmp_path):
+    """Concatenating rank 0 and rank 1 of the test split reproduces the single-process pass exactly."""
+    roots = {"imagenet": imagenet_root, "cifar10dvs": dvs_root, "digits": None}
+    kw = dict(data_dir=roots[dataset], batch_size=4, T=3, num_workers=0)
+    if dataset == "cifar10dvs":
+        kw["cache_dir"] = str(tmp_path)
+    if dataset == "imagenet" and "dali" in BACKENDS:
+        kw["num_threads"] = 1
+    whole = collect(pipelines.build_loader(dataset, "test", **kw))
+    parts = [pipelines.build_loader(dataset, "test", rank=r, world_size=2, **kw) for r in (0, 1)]
+    assert sum(p.num_samples for p in parts) == parts[0].dataset_size == len(whole[1])
+    x, y = (torch.cat(t) for t in zip(*(collect(p) for p in parts)))
+    torch.testing.assert_close(x, whole[0])
+    assert torch.equal(y, whole[1])
+
+
+# CIFAR10-DVS frames
+
+
+def _sj_reference(x_raw, y_raw, p_raw, T):
+    """SpikingJelly 0.0.0.0.10, written from its formulas: remap of the raw address fields, then count binning."""
+    xs, ys, ps = 127 - y_raw, 127 - x_raw, 1 - p_raw
+    n = len(xs)
+    d = n // T
+    out = np.zeros((T, 2, 128, 128), np.float64)
+    for j in range(T):
+        lo, hi = j * d, ((j + 1) * d if j < T - 1 else n)
+        np.add.at(out[j], (ps[lo:hi], ys[lo:hi], xs[lo:hi]), 1)
+    return out
+
+
+def _glyph_events(rng):
+    """An "F" in raw DVS128 address space: ON on the stem, OFF on the bars, with a remainder for T = 4."""
+    stem = [(20, y, 0) for y in range(10, 60)]
+    bars = [(x, 10, 1) for x in range(21, 50)] + [(x, 33, 1) for x in range(21, 40)]
+    ev = np.array(stem + bars + stem[:5], dtype=np.int64)  # 103 events: 103 mod 4 = 3
+    ev = ev[rng.permutation(len(ev))]
+    return ev[:, 0], ev[:, 1], ev[:, 2]
+
+
+def test_glyph_lands_where_the_reference_puts_it(tmp_path):
+    """Raw events -> .aedat4 in DV's convention under H1 -> our loader with remap="h1" == the reference frames."""
+    x_raw, y_raw, p_raw = _glyph_events(np.random.default_rng(1))
+    root = tmp_path / "d"
+    folder = root / "CIFAR10DVS" / "airplane"
+    folder.mkdir(parents=True)
+    write_aedat4(str(folder / "cifar10_airplane_0.aedat4"), 127 - x_raw, 127 - y_raw, 1 - p_raw)  # H1 forward map
+    frames = {}
+    for remap in cifar10dvs.REMAPS:
+        ds = cifar10dvs.DVSFrames([str(folder / "cifar10_airplane_0.aedat4")], [0], data_dir=str(root), T=4,
+                                  remap=remap, cache_dir=None)
+        frames[remap] = ds.frames(0)
+    ref = _sj_reference(x_raw, y_raw, p_raw, 4)
+    np.testing.assert_array_equal(frames["h1"], ref)
+    assert ref[:, 1].sum() == 55 and ref[:, 0].sum() == 48  # the stem (p_raw = 0) became p' = 1 (ON)
+    # The reference puts the stem (raw column 20) on row 127 - 20 = 107: a horizontal stroke.
+    assert ref[:, 1, 107, 127 - 59:127 - 9].sum() == 55
+    # Every other map gives a different picture, so a transpose, flip or polarity slip cannot pass.
+    flat = [f.tobytes() for f in frames.values()]
+    assert len(set(flat)) == len(flat)
+
+
+@given(n=st.integers(0, 400), T=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_equal_count_binning(n, T, seed):
+    rng = np.random.default_rng(seed)
+    x, y, p = rng.integers(0, 128, n), rng.integers(0, 128, n), rng.integers(0, 2, n)
+    frames = cifar10dvs.events_to_frames(x, y, p, T)
+    per = frames.sum(axis=(1, 2, 3))
+    assert frames.shape == (T, 2, 128, 128) and per.sum() == n
+    d = n // T
+    expect = [d] * (T - 1) + [n - d * (T - 1)]  # equal counts, the remainder (or all of n < T) in the last
+    assert per.tolist() == expect
+    np.testing.assert_array_equal(frames, _sj_reference(127 - y, 127 - x, 1 - p, T))  # identity remap
+
+
+def test_binning_vs_tonic_toframe():
+    """Frames 0..T-2 equal tonic's ToFrame(n_event_bins=T); the last adds the N mod T events ToFrame drops."""
+    from tonic.transforms import ToFrame
+
+    rng = np.random.default_rng(0)
+    n, T = 1003, 10
+    ev = np.zeros(n, dtype=[("t", np.uint64), ("x", np.uint16), ("y", np.uint16), ("p", bool)])
+    ev["t"] = np.arange(n) * 5
+    ev["x"], ev["y"], ev["p"] = rng.integers(0, 128, n), rng.integers(0, 128, n), rng.integers(0, 2, n)
+    ours = cifar10dvs.events_to_frames(*cifar10dvs.remap_events(ev["x"], ev["y"], ev["p"], "none"), T)
+    tonic_frames = ToFrame(sensor_size=(128, 128, 2), n_event_bins=T)(ev)
+    np.testing.assert_array_equal(ours[:-1], tonic_frames[:-1])
+    tail = cifar10dvs.events_to_frames(ev["x"][900:], ev["y"][900:], ev["p"][900:].astype(int), 1)[0]
+    np.testing.assert_array_equal(ours[-1], tail)
+    assert ours[-1].sum() == tonic_frames[-1].sum() + 3
+
+
+def test_binning_matches_spikingjelly(monkeypatch):
+    """Oracle: SpikingJelly 2.0.0's integrate_events_by_fixed_frames_number (same rule as 0.0.0.0.10)."""
+    try:
+        import spikingjelly
+    except ImportError:
+        pytest.skip("spikingjelly not installed")
+    # Import datasets/utils.py without datasets/__init__.py, which needs torchaudio for an unrelated dataset.
+    pkg = types.ModuleType("spikingjelly.datasets")
+    pkg.__path__ = [os.path.join(os.path.dirname(spikingjelly.__file__), "datasets")]
+    monkeypatch.setitem(sys.modules, "spikingjelly.datasets", pkg)
+    monkeypatch.delitem(sys.modules, "spikingjelly.datasets.utils", raising=False)
+    try:
+        sj = importlib.import_module("spikingjelly.datasets.utils")
+    except ImportError as err:
+        pytest.skip(f"spikingjelly.datasets.utils not importable: {err}")
+    rng = np.random.default_rng(2)
+    for n, T in ((1003, 10), (7, 16), (5000, 16)):
+        ev = {"t": np.arange(n), "x": rng.integers(0, 128, n), "y": rng.integers(0, 128, n),
+              "p": rng.integers(0, 2, n)}
+        ref = sj.integrate_events_by_fixed_frames_number(ev, "number", T, 128, 128)
+        np.testing.assert_array_equal(cifar10dvs.events_to_frames(ev["x"], ev["y"], ev["p"], T), ref)
+
+
+def test_resize_matches_torchvision():
+    from torchvision.transforms import Resize
+
+    x = torch.rand(3, 2, 128, 128) * 5
+    torch.testing.assert_close(cifar10dvs.resize(x), Resize([48, 48], antialias=False)(x))
+
+
+def test_dvs_split_order_and_cache(dvs_root, tmp_path, monkeypatch):
+    paths, labels = cifar10dvs.list_recordings(dvs_root)
+    test = cifar10dvs.split_indices(labels, train=False)
+    # Lexicographic order 0, 1, 10, 11, 2, ..., 9: the test sample of each class is file 9.
+    assert [os.path.basename(paths[i]) for i in test] == [f"cifar10_{c}_9.aedat4" for c in cifar10dvs.CLASSES]
+    assert len(cifar10dvs.split_indices(labels, train=True)) == 110
+    kw = dict(data_dir=dvs_root, batch_size=5, T=3, num_workers=0, cache_dir=str(tmp_path))
+    first = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
+    cached = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz"))
+    assert len(cached) == 10 and all(p.startswith("frames_number_3_split_by_number_h1_v1/") for p in cached)
+    # The cache is used: with event decoding disabled the same batches still come out.
+    monkeypatch.setattr(cifar10dvs.DVSFrames, "events", lambda self, i: pytest.fail("decoded events again"))
+    again = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
+    torch.testing.assert_close(again[0], first[0])
+    # Another T or remap is another cache key.
+    with pytest.raises(pytest.fail.Exception):
+        collect(pipelines.build_loader("cifar10dvs", "test", **{**kw, "T": 4}))
+    with pytest.raises(pytest.fail.Exception):
+        collect(pipelines.build_loader("cifar10dvs", "test", **{**kw, "remap": "none"}))
+
+
+def test_dvs_train_crop_is_shared_over_time_and_polarity(dvs_root, tmp_path):
+    kw = dict(data_dir=dvs_root, batch_size=10, T=3, num_workers=0, cache_dir=str(tmp_path))
+    loader = pipelines.build_loader("cifar10dvs", "train", **kw)
+    x, y = next(iter(loader))
+    ds = loader.dataset
+    idx = loader._indices()[:10]
+    offsets = set()
+    for out, i, label in zip(x, idx, y.tolist()):
+        full, k = ds[int(i)]
+        assert k == label
+        padded = F.pad(full, [cifar10dvs.PAD] * 4)
+        hits = [(oy, ox) for oy in range(9) for ox in range(9)
+                if torch.equal(padded[..., oy:oy + 48, ox:ox + 48], out)]
+        assert hits, "not a single window shared by all steps and polarities"
+        offsets.add(hits[0])
+    assert len(offsets) > 1
+
+
+# bad input
+
+
+def test_bad_arguments(cifar_data):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        pipelines.build_loader("mnist", "train", data_dir=".", batch_size=4)
+    for bs in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            pipelines.build_loader("digits", "train", data_dir=None, batch_size=bs)
+    with pytest.raises(ValueError, match="rank"):
+        pipelines.build_loader("digits", "train", data_dir=None, batch_size=4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="split"):
+        pipelines.build_loader("digits", "validation", data_dir=None, batch_size=4)
+    with pytest.raises(ValueError, match="backend"):
+        pipelines.build_loader("digits", "train", data_dir=None, batch_size=4, backend="jax")
+    with pytest.raises(ValueError, match="no DALI pipeline"):
+        pipelines.build_loader("digits", "train", data_dir=None, batch_size=4, backend="dali")
+    with pytest.raises(ValueError, match="T as a positive int"):
+        pipelines.build_loader("cifar10dvs", "train", data_dir=".", batch_size=4)
+    with pytest.raises(ValueError, match="no full batch"):
+        pipelines.build_loader("cifar10", "train", data_dir=cifar_data["root"], batch_size=97, backend="torch")
+
+
+def test_missing_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*download=True"):
+        pipelines.build_loader("cifar10", "train", data_dir=tmp_path, batch_size=4)
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        pipelines.build_loader("cifar100", "test", data_dir=tmp_path, batch_size=4)
+    with pytest.raises(FileNotFoundError, match=r"val.*CLASS/\*\.JPEG"):
+        pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=4)
+    with pytest.raises(FileNotFoundError, match=r"CIFAR10DVS.*<class>/\*\.aedat4"):
+        pipelines.build_loader("cifar10dvs", "test", data_dir=tmp_path, batch_size=4, T=4)
+    (tmp_path / "CIFAR10DVS" / "airplane").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="automobile"):
+        pipelines.build_loader("cifar10dvs", "test", data_dir=tmp_path, batch_size=4, T=4)
+
+
+def test_corrupt_pickle(cifar_data, tmp_path):
+    xtr, ytr = cifar_data["train"]
+    folder = write_cifar(str(tmp_path), "cifar10", xtr, ytr, *cifar_data["test"])
+    with open(os.path.join(folder, "data_batch_3"), "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(ValueError, match="data_batch_3.*corrupt or truncated"):
+        pipelines.build_loader("cifar10", "train", data_dir=tmp_path, batch_size=4)
+    os.remove(os.path.join(folder, "test_batch"))
+    with pytest.raises(FileNotFoundError, match="test_batch"):
+        pipelines.build_loader("cifar10", "test", data_dir=tmp_path, batch_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unreadable_jpeg(tmp_path, backend):
+    write_imagenet(str(tmp_path), classes=2, train_per_class=2, val_per_class=2)
+    bad = tmp_path / "val" / "n00000001" / "img_1_0.JPEG"
+    bad.write_bytes(b"<html>not an image</html>")
+    with pytest.raises(ValueError, match="img_1_0.JPEG.*not a JPEG"):
+        pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=2, backend=backend)
+
+
+def test_truncated_jpeg_named_at_decode(tmp_path):
+    """A JPEG whose header survives but whose data does not is caught when decoded (torch backend)."""
+    write_imagenet(str(tmp_path), classes=1, train_per_class=1, val_per_class=1)
+    path = tmp_path / "val" / "n00000000" / "img_0_0.JPEG"
+    path.write_bytes(path.read_bytes()[:40])
+    loader = pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=1, backend="torch",
+                                    num_workers=0)
+    with pytest.raises(ValueError, match="img_0_0.JPEG"):
+        collect(loader)
+
+
+@pytest.mark.parametrize("cut", [0.6, 0.97])
+def test_truncated_aedat4(tmp_path, cut):
+    root = tmp_path / "d"
+    write_cifar10dvs(str(root), per_class=2, events=(2000, 2001))
+    path = root / "CIFAR10DVS" / "dog" / "cifar10_dog_1.aedat4"
+    data = path.read_bytes()
+    path.write_bytes(data[:math.floor(len(data) * cut)])
+    with pytest.raises(ValueError, match="cifar10_dog_1.aedat4.*re-extract"):
+        pipelines.build_loader("cifar10dvs", "train", data_dir=root, batch_size=2, T=4)
+    # Without the up-front check, the decode error still names the file.
+    ds = cifar10dvs.DVSFrames([str(path)], [5], data_dir=str(root), T=4, remap="h1", cache_dir=None)
+    with pytest.raises(ValueError, match="cifar10_dog_1.aedat4"):
+        ds.frames(0)
+
+
+# GPU (skipped without CUDA)
+
+
+@cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cifar_on_cuda_matches_cpu(cifar_data, backend):
+    kw = dict(data_dir=cifar_data["root"], batch_size=16, backend=backend)
+    gpu = pipelines.build_loader("cifar10", "test", device="cuda", **kw)
+    x, y = next(iter(gpu))
+    assert x.is_cuda and y.is_cuda
+    cpu = collect(pipelines.build_loader("cifar10", "test", device="cpu", **kw))
+    torch.testing.assert_close(collect(gpu)[0], cpu[0], atol=2e-5, rtol=0)
+    train = pipelines.build_loader("cifar10", "train", device="cuda", **kw)
+    table = _variants(cifar_data["train"][0], cifar.PAD)
+    for x, _ in train:
+        assert all(img.tobytes() in table for img in denormalize(x.cpu(), *pipelines.NORMALIZATION["cifar10"]))
+
+
+@cuda
+@pytest.mark.skipif("dali" not in BACKENDS, reason="needs DALI")
+def test_imagenet_mixed_decode_on_cuda(imagenet_root):
+    loader = pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, device="cuda",
+                                    backend="dali")
+    x, y = collect(loader)
+    assert x.shape == (9, 3, 224, 224) and y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    ref = collect(pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="dali"))
+    assert (x - ref[0]).abs().mean() < 0.05  # nvJPEG vs libjpeg-turbo: small decoder differences only
