@@ -1,0 +1,355 @@
+"""The paper's static-image networks: CIFAR ResNet-18/19 and CIFARNet, ImageNet ResNet-34 and ResNet-18MS/34MS,
+plus a small digits net for the CPU demo. Layer by layer as ARCHITECTURES.md §1-§4.
+
+Shape letters: t steps, b batch, c channels, h w space, k classes.
+
+Images `b c h w` are repeated over t (direct coding: the first conv + BN + GLIF is the encoder); conv and BN run
+on the time-merged batch `(t b) c h w` (TimeMerged, whose children are named like SpikingJelly's container, so
+the reference checkpoints' keys map one to one); GLIF loops over t; the readout pools to `t b c`, applies the
+head per step (`t b k`) and averages over t. No biases anywhere, no softmax.
+"""
+
+import math
+from collections.abc import Callable
+
+from einops import rearrange, reduce, repeat
+from torch import Tensor, nn
+
+from glif2.layers import TimeMerged, tdBatchNorm
+from glif2.models import neuron_factory, register_model
+
+SQRT1_2 = 1.0 / math.sqrt(2.0)  # the tdBN scale of every residual sum's two inputs
+BN_KINDS = ("td", "plain")
+HEADS = ("auto", "linear", "two_linear")
+
+Neuron = Callable[[int], nn.Module]
+Norm = Callable[..., nn.Module]
+
+# helpers
+
+
+def norm_factory(bn: str) -> Norm:
+    """`norm(c, alpha=1.0)`: tdBN (alpha * v_th scaled) or plain BatchNorm2d (the released ImageNet model)."""
+    if bn == "td":
+        return lambda c, alpha=1.0: tdBatchNorm(c, alpha=alpha)
+    if bn == "plain":
+        return lambda c, alpha=1.0: nn.BatchNorm2d(c)
+    raise ValueError(f"bn={bn!r}; choose one of {BN_KINDS}")
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, padding: int, norm: Norm, alpha: float = 1.0):
+    """`t b c h w -> t b c' h' w'`: bias-free conv then BN, on the time-merged batch (keys `.0.weight`, `.1.*`)."""
+    return TimeMerged(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False), norm(c_out, alpha))
+
+
+def shortcut(c_in: int, c_out: int, stride: int, norm: Norm) -> nn.Module:
+    """The residual branch: a BN(1/sqrt 2) of the input when shapes match, else 1x1 conv (stride) + BN(1/sqrt 2)."""
+    if c_in == c_out and stride == 1:
+        return TimeMerged(norm(c_out, SQRT1_2))  # key `downsample.0.*`
+    return nn.Sequential(conv_bn(c_in, c_out, 1, stride, 0, norm, SQRT1_2))  # keys `downsample.0.{0,1}.*`
+
+
+def init_weights(model: nn.Module) -> None:
+    """The reference's `_initialize_weights` (ARCHITECTURES.md §1.3); GLIF parameters keep their own init."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.running_mean)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+
+
+def head(c_in: int, num_classes: int, two_linear: bool) -> nn.Sequential:
+    """`t b c -> t b k` per step: Linear(c, k), or Linear(c, 256) then Linear(256, k) with nothing between."""
+    if two_linear:
+        return nn.Sequential(nn.Linear(c_in, 256, bias=False), nn.Linear(256, num_classes, bias=False))
+    return nn.Sequential(nn.Linear(c_in, num_classes, bias=False))
+
+
+def check_image(x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected an image batch `b c h w`, got shape {tuple(x.shape)}")
+
+
+# classes
+
+
+class BasicBlock(nn.Module):
+    """body: conv3x3(s)-BN-GLIF-conv3x3-BN(1/sqrt 2); out = GLIF(body(x) + shortcut(x)). `t b c h w` spikes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, *, neuron: Neuron, norm: Norm):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn(c_in, c_out, 3, stride, 1, norm),
+            neuron(c_out),
+            conv_bn(c_out, c_out, 3, 1, 1, norm, SQRT1_2),
+        )
+        self.downsample = shortcut(c_in, c_out, stride, norm)
+        self.lif = neuron(c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lif(self.body(x) + self.downsample(x))
+
+
+class MSBlock(nn.Module):
+    """Membrane shortcut: out = BN(conv(GLIF(BN(conv_s(GLIF(x)))))) + shortcut(x), real-valued, no neuron after."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, *, neuron: Neuron, norm: Norm):
+        super().__init__()
+        self.body = nn.Sequential(
+            neuron(c_in),
+            conv_bn(c_in, c_out, 3, stride, 1, norm),
+            neuron(c_out),
+            conv_bn(c_out, c_out, 3, 1, 1, norm, SQRT1_2),
+        )
+        self.downsample = shortcut(c_in, c_out, stride, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) + self.downsample(x)
+
+
+class SpikingResNet(nn.Module):
+    """Stem conv-BN-GLIF, residual stages, per-step global-average-pool head, mean over t.
+
+    Args:
+        num_classes: classes K.
+        T: time steps (the image is repeated T times).
+        block: BasicBlock or MSBlock.
+        repeats: blocks per stage.
+        strides: stride of each stage's first block.
+        widths: channels of the stem followed by each stage's channels.
+        stem: (kernel, stride, padding) of the stem conv.
+        two_linear: head Linear(c, 256) -> Linear(256, K) instead of Linear(c, K).
+        neuron: `neuron(c) -> GLIF`.
+        norm: `norm(c, alpha) -> BN`.
+        in_channels: image channels (3; 1 for digits).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        T: int,
+        block: type[nn.Module],
+        repeats: tuple[int, ...],
+        strides: tuple[int, ...],
+        widths: tuple[int, ...],
+        stem: tuple[int, int, int],
+        two_linear: bool,
+        neuron: Neuron,
+        norm: Norm,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        self.T = T
+        kernel, stride, padding = stem
+        self.conv1 = nn.Sequential(conv_bn(in_channels, widths[0], kernel, stride, padding, norm), neuron(widths[0]))
+        blocks, c_in = [], widths[0]
+        for c_out, n, s in zip(widths[1:], repeats, strides):
+            for i in range(n):
+                blocks.append(block(c_in, c_out, s if i == 0 else 1, neuron=neuron, norm=norm))
+                c_in = c_out
+        self.features = nn.ModuleList(blocks)
+        self.lastave = head(c_in, num_classes, two_linear)
+        init_weights(self)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """`b c h w -> t b c' h' w'` (spikes, or real-valued sums for the membrane-shortcut nets)."""
+        check_image(x)
+        x = self.conv1(repeat(x, "b c h w -> t b c h w", t=self.T))
+        for blk in self.features:
+            x = blk(x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """`t b c h w -> t b k`: global average pool, then the head per step."""
+        return self.lastave(reduce(x, "t b c h w -> t b c", "mean"))
+
+    def forward_steps(self, x: Tensor) -> Tensor:
+        """`b c h w -> t b k`: per-step logits."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`b c h w -> b k`: logits, the mean of the per-step logits over t."""
+        return reduce(self.forward_steps(x), "t b k -> b k", "mean")
+
+
+class CIFARNet(nn.Module):
+    """VGG-like [128, 256, A, 512, A, 1024, 512] conv-BN-GLIF stack ("A" = 2x2 average pool of the spikes),
+    flattened, three bias-free linears per step (no activations between), mean over t.
+
+    Args:
+        num_classes: classes K.
+        T: time steps.
+        neuron: `neuron(c) -> GLIF`.
+        norm: `norm(c, alpha) -> BN`.
+        in_channels: image channels.
+        input_size: image side (32 for CIFAR); fixes the flattened width `512 (input_size / 4)^2`.
+    """
+
+    arch = (128, 256, "A", 512, "A", 1024, 512)
+
+    def __init__(self, *, num_classes: int, T: int, neuron: Neuron, norm: Norm, in_channels: int = 3,
+                 input_size: int = 32):
+        super().__init__()
+        if input_size % 4:
+            raise ValueError(f"input_size={input_size} must be a multiple of 4 (two 2x2 average pools)")
+        self.T = T
+        layers, c_in = [], in_channels
+        for v in self.arch:
+            if v == "A":
+                layers.append(TimeMerged(nn.AvgPool2d(2, 2)))
+            else:
+                layers += [conv_bn(c_in, v, 3, 1, 1, norm), neuron(v)]
+                c_in = v
+        self.features = nn.Sequential(*layers)
+        flat = c_in * (input_size // 4) ** 2
+        self.classifier = TimeMerged(
+            nn.Linear(flat, 1024, bias=False), nn.Linear(1024, 512, bias=False), nn.Linear(512, num_classes, bias=False)
+        )
+        init_weights(self)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """`b c h w -> t b c' h' w'` spikes."""
+        check_image(x)
+        return self.features(repeat(x, "b c h w -> t b c h w", t=self.T))
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """`t b c h w -> t b k`."""
+        return self.classifier(rearrange(x, "t b c h w -> t b (c h w)"))
+
+    def forward_steps(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reduce(self.forward_steps(x), "t b k -> b k", "mean")
+
+
+class GLIFNetSmall(nn.Module):
+    """A small faithful GLIF net for 8x8 digits (the CPU demo): three conv-tdBN-GLIF layers, one 2x2 average
+    pool, global average pool, Linear per step, mean over t. ~0.1 M parameters.
+
+    conv 3x3 in->32, conv 3x3 32->64, avg-pool 2, conv 3x3 64->128, GAP, Linear(128 -> K).
+    """
+
+    def __init__(self, *, num_classes: int, T: int, neuron: Neuron, norm: Norm, in_channels: int = 1,
+                 widths: tuple[int, int, int] = (32, 64, 128)):
+        super().__init__()
+        self.T = T
+        c1, c2, c3 = widths
+        self.features = nn.Sequential(
+            conv_bn(in_channels, c1, 3, 1, 1, norm),
+            neuron(c1),
+            conv_bn(c1, c2, 3, 1, 1, norm),
+            neuron(c2),
+            TimeMerged(nn.AvgPool2d(2, 2)),
+            conv_bn(c2, c3, 3, 1, 1, norm),
+            neuron(c3),
+        )
+        self.lastave = nn.Sequential(nn.Linear(c3, num_classes, bias=False))
+        init_weights(self)
+        nn.init.normal_(self.lastave[0].weight, 0.0, 1.0 / math.sqrt(c3))  # 0.01 would start too slowly here
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        check_image(x)
+        return self.features(repeat(x, "b c h w -> t b c h w", t=self.T))
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.lastave(reduce(x, "t b c h w -> t b c", "mean"))
+
+    def forward_steps(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reduce(self.forward_steps(x), "t b k -> b k", "mean")
+
+
+def _two_linear(head_kind: str, num_classes: int, reference_rule: bool) -> bool:
+    if head_kind not in HEADS:
+        raise ValueError(f"head={head_kind!r}; choose one of {HEADS}")
+    if head_kind == "auto":
+        return reference_rule and num_classes <= 50
+    return head_kind == "two_linear"
+
+
+def _resnet(num_classes, T, *, bn, in_channels, neuron_options, **arch) -> SpikingResNet:
+    return SpikingResNet(
+        num_classes=num_classes,
+        T=T,
+        neuron=neuron_factory(T, **neuron_options),
+        norm=norm_factory(bn),
+        in_channels=in_channels,
+        **arch,
+    )
+
+
+# entrypoints. Every one takes `bn` ("td" | "plain"), `in_channels`, and the GLIF options (channel_wise=True,
+# variant, gates, gate, tau, v_th, leak, v_reset, conduct, surrogate, surrogate_width, eager).
+# `head`: "auto" follows the reference (two linears for <= 50 classes in the channel-wise GLIF CIFAR nets and the
+# MS nets; one linear otherwise), "linear" or "two_linear" force one.
+
+_CIFAR_STEM = (3, 1, 1)
+_IMAGENET_STEM = (7, 2, 1)  # padding 1, not 3, and no max-pool: 224 -> 110
+
+
+@register_model
+def resnet18(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
+    """CIFAR "stand18": strides [1, 1, 2, 2] (the 128 stage does not downsample), ARCHITECTURES.md §3.1."""
+    cw_glif = neuron.get("channel_wise", True) and neuron.get("variant", "glif") == "glif"
+    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
+                   block=BasicBlock, repeats=(2, 2, 2, 2), strides=(1, 1, 2, 2), widths=(64, 64, 128, 256, 512),
+                   stem=_CIFAR_STEM, two_linear=_two_linear(head, num_classes, cw_glif))
+
+
+@register_model
+def resnet19(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
+    """CIFAR ResNet-19: stem 128, stages [3, 3, 2] x 128/256/512, strides [1, 2, 2], §3.2."""
+    glif = neuron.get("variant", "glif") == "glif"
+    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
+                   block=BasicBlock, repeats=(3, 3, 2), strides=(1, 2, 2), widths=(128, 128, 256, 512),
+                   stem=_CIFAR_STEM, two_linear=_two_linear(head, num_classes, glif))
+
+
+@register_model
+def resnet34(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
+    """ImageNet ResNet-34 "stand": 7x7/2 stem (padding 1), stages [3, 4, 6, 3] all stride 2, §4.2."""
+    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
+                   block=BasicBlock, repeats=(3, 4, 6, 3), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
+                   stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, False))
+
+
+@register_model
+def resnet18ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
+    """ImageNet ResNet-18MS (membrane shortcut), stages [2, 2, 2, 2] all stride 2, §4.1. The released model
+    was trained with plain BN: load it with bn="plain"."""
+    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
+                   block=MSBlock, repeats=(2, 2, 2, 2), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
+                   stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, True))
+
+
+@register_model
+def resnet34ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
+    """ImageNet ResNet-34MS (membrane shortcut), stages [3, 4, 6, 3] all stride 2, §4.1."""
+    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
+                   block=MSBlock, repeats=(3, 4, 6, 3), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
+                   stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, True))
+
+
+@register_model
+def cifarnet(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 3, input_size: int = 32, **neuron):
+    """CIFARNet, §3.3 (~45.0 M parameters at 32x32)."""
+    return CIFARNet(num_classes=num_classes, T=T, neuron=neuron_factory(T, **neuron), norm=norm_factory(bn),
+                    in_channels=in_channels, input_size=input_size)
+
+
+@register_model
+def glifnet_small(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 1, **neuron):
+    """The small digits net (8x8 grey images by default)."""
+    return GLIFNetSmall(num_classes=num_classes, T=T, neuron=neuron_factory(T, **neuron), norm=norm_factory(bn),
+                        in_channels=in_channels)
+
+
+__all__ = ["BasicBlock", "CIFARNet", "GLIFNetSmall", "MSBlock", "SpikingResNet", "conv_bn", "norm_factory"]
