@@ -228,12 +228,20 @@ class MapLoader(ShardedLoader):
         self.num_workers = num_workers
         self.post = post
         self.loader_kwargs = loader_kwargs or {}
+        self._sampler = _PlanSampler([])
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def _iter_batches(self, batches: list[np.ndarray]) -> Iterator[Batch]:
         gen = self._generator()
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_PlanSampler(batches), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", generator=gen, **self.loader_kwargs)
+        if self._loader is None:
+            # One DataLoader for the loader's lifetime: persistent workers skip a fork + dataset set-up per epoch;
+            # the batch sampler is iterated in this process, so swapping its plan is enough for a new epoch.
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0, **self.loader_kwargs)
+        self._sampler.batches = batches
+        self._loader.generator = gen  # seeds this pass's worker RNGs (torchvision transforms) per (seed, epoch)
+        loader = self._loader
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             if self.post is not None:

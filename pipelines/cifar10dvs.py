@@ -17,7 +17,7 @@ Confirm on real data before trusting accuracies (DVS-FRAMES.md §4.3: sweep the 
 
 Split: classes alphabetical, files sorted by name (lexicographic, SpikingJelly's DatasetFolder order); per class
 the first ceil(0.9 n_c) files train, the rest test (900/100 with the full data). Frames are cached once on disk as
-compressed uint16 `.npz` under `<cache_dir>/frames_number_{T}_split_by_number_{remap}/<class>/<stem>.npz`.
+compressed uint8/uint16 `.npz` under `<cache_dir>/frames_number_{T}_split_by_number_{remap}/<class>/<stem>.npz`.
 
 Transforms (`dsr_da`): bilinear resize 128 -> 48 without antialias (in the workers), then for training a random
 48 x 48 crop of the zero-padded (4) frames, one window per sample shared by all steps and both polarities (on the
@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -180,6 +181,23 @@ def list_recordings(data_dir: str | os.PathLike) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
+def _save_frames(path: str, frames: np.ndarray, *, source: str) -> None:
+    """Writes int counts `t c h w` as a `.npz` (key "frames"), uint8 when it fits, else uint16.
+
+    zlib level 1 instead of np.savez_compressed's 6: 5-7x faster to write, files ~30% larger (DVS frames are
+    sparse either way), and np.load reads both the same.
+    """
+    top = int(frames.max(initial=0))
+    if top > np.iinfo(np.uint16).max:
+        raise ValueError(f"{source!r}: a pixel count of {top} exceeds 65535 and cannot be cached as uint16")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        with z.open("frames.npy", "w") as f:
+            np.lib.format.write_array(f, frames.astype(np.uint8 if top <= 255 else np.uint16))
+    os.replace(tmp, path)  # atomic: concurrent workers or ranks never see a half-written file
+
+
 def split_indices(labels: list[int], train: bool) -> np.ndarray:
     """Per class, the first ceil(0.9 n_c) samples (in listing order) are train and the rest test."""
     labels_np = np.asarray(labels)
@@ -262,13 +280,7 @@ class DVSFrames(torch.utils.data.Dataset):
         x, y, p = remap_events(ev["x"], ev["y"], ev["p"], self.remap)
         frames = events_to_frames(x, y, p, self.T)
         if cache is not None:
-            if frames.max(initial=0) > np.iinfo(np.uint16).max:
-                raise ValueError(f"{self.paths[i]!r}: a pixel count exceeds 65535, cannot cache as uint16")
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            tmp = f"{cache}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, frames=frames.astype(np.uint16))
-            os.replace(tmp, cache)  # atomic: concurrent workers or ranks never see a half-written file
+            _save_frames(cache, frames, source=self.paths[i])
         return frames
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
