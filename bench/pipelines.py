@@ -24,13 +24,15 @@ import time
 import numpy as np
 import torch
 
+# The repo root must precede this folder on sys.path, or this file (bench/pipelines.py) shadows the package.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import pipelines  # noqa: E402
-from datasets_fixtures import write_cifar  # noqa: E402
-from pipelines.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar  # noqa: E402
-from pipelines.cifar10dvs import CLASSES  # noqa: E402
+from datasets_fixtures import write_cifar
+
+import pipelines
+from pipelines.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar
+from pipelines.cifar10dvs import CLASSES
 
 
 def sync(device: str) -> None:
@@ -122,7 +124,7 @@ def main() -> None:
         print(f"CIFAR-10 train: {args.images} fabricated images as pickles, batch {args.batch}, "
               f"{args.epochs} timed epochs after a warm-up")
 
-        kw = dict(data_dir=tmp, batch_size=args.batch)
+        kw = {"data_dir": tmp, "batch_size": args.batch}
         tv = throughput(torchvision_loader(tmp, args.batch, args.workers), epochs=args.epochs, device="cpu")
         rows.append(("cifar10 train", f"torchvision DataLoader, {args.workers} workers, PIL (CPU)", tv))
         if has_dali:
@@ -148,8 +150,8 @@ def main() -> None:
         n_files = len(CLASSES) * max(1, args.dvs_files // len(CLASSES))
         print(f"CIFAR10-DVS: {n_files} fabricated .aedat4 recordings of {args.dvs_events} events "
               f"(written in {time.perf_counter() - start:.1f} s), T = 16, batch 8, {args.workers} workers")
-        dvs_kw = dict(data_dir=dvs_root, batch_size=8, T=16, num_workers=args.workers,
-                      cache_dir=os.path.join(tmp, "cache"))
+        dvs_kw = {"data_dir": dvs_root, "batch_size": 8, "T": 16, "num_workers": args.workers,
+                      "cache_dir": os.path.join(tmp, "cache")}
 
         def timed_pass(loader) -> float:
             n, start = 0, time.perf_counter()

@@ -41,9 +41,24 @@ NORMALIZATION = {
     "digits": (DIGITS_MEAN, DIGITS_STD),
 }
 
-__all__ = ["build_loader", "dali_available", "resolve_backend", "ShardedLoader", "DATASETS", "NORMALIZATION",
-           "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-           "CIFAR10DVS_MEAN", "CIFAR10DVS_STD", "DIGITS_MEAN", "DIGITS_STD"]
+__all__ = [
+    "CIFAR10DVS_MEAN",
+    "CIFAR10DVS_STD",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "DATASETS",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NORMALIZATION",
+    "ShardedLoader",
+    "build_loader",
+    "dali_available",
+    "resolve_backend",
+]
 
 
 def dali_available() -> bool:
@@ -129,7 +144,7 @@ def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None
     if dataset != "digits" and data_dir is None:
         raise ValueError(f"{dataset} needs data_dir")
     options = _options(dataset, backend, options)
-    common = dict(batch_size=batch_size, rank=rank, world_size=world_size, device=device, seed=seed)
+    common = {"batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device, "seed": seed}
     if dataset in ("cifar10", "cifar100"):
         from pipelines.cifar import build_cifar
 

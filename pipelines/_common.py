@@ -12,6 +12,7 @@ Sharding rules (the contract of `pipelines.build_loader`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -77,7 +78,8 @@ def batches_of(idx: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
-def crop_flip(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None, *, pad: int) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None, *,
+              pad: int) -> torch.Tensor:
     """Per-sample crop of a zero-padded batch (and optional horizontal mirror) as one gather.
 
     Equivalent to `F.pad(x, [pad] * 4)[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w]`, mirrored along w where `flip[i]`,
@@ -158,7 +160,7 @@ class ShardedLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
     def _generator(self) -> torch.Generator:
         # Augmentation draws differ per rank (salted with the rank) but are reproducible per (seed, epoch).
@@ -266,6 +268,10 @@ class DaliLoader(ShardedLoader):
     def _end_epoch(self, pipe: Any) -> None:
         pass
 
+    def _run_error(self, batches: list[np.ndarray], i: int, err: RuntimeError) -> Exception:
+        """The exception to raise when batch i fails in DALI (whose messages do not name the input file)."""
+        return err
+
     def _to_torch(self, tensor_list: Any) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
@@ -288,8 +294,11 @@ class DaliLoader(ShardedLoader):
             return
         pipe = self._pipeline(batches)
         self._clean = False
-        for idx in batches:
-            images, labels = pipe.run()
+        for i, idx in enumerate(batches):
+            try:
+                images, labels = pipe.run()
+            except RuntimeError as err:
+                raise self._run_error(batches, i, err) from err
             x, y = self._to_torch(images), self._to_torch(labels)
             # A reader pads the last batch of a shard with copies of its last sample: those are cut off here.
             x, y = x[:len(idx)], y.reshape(-1)[:len(idx)]

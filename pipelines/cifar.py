@@ -21,8 +21,15 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from pipelines._common import (DaliLoader, ShardedLoader, TensorLoader, check_common, crop_flip, is_train_split,
-                               random_crop_flip_params)
+from pipelines._common import (
+    DaliLoader,
+    ShardedLoader,
+    TensorLoader,
+    check_common,
+    crop_flip,
+    is_train_split,
+    random_crop_flip_params,
+)
 
 # Normalisation constants of the reference (TRAINING.md §1), as fractions of 255.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -74,7 +81,7 @@ def _read_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(entry[label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
             raise ValueError(f"data shape {data.shape} with {len(labels)} labels, expected (n, 3072) and n labels")
-    except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing to the user
+    except Exception as err:
         raise ValueError(
             f"{path!r} is not a readable CIFAR pickle batch ({type(err).__name__}: {err}). The file is corrupt or "
             f"truncated: delete its folder and re-extract the archive, or pass download=True.") from err
@@ -94,7 +101,7 @@ def load_cifar(name: str, split: str, *, data_dir: str | os.PathLike, download: 
     Returns:
         images uint8 `n h w c`, labels int64 `n`.
     """
-    folder, train_files, test_files, label_key, num_classes, _, _ = _LAYOUT[name]
+    _, train_files, test_files, label_key, num_classes, _, _ = _LAYOUT[name]
     path = _folder(name, data_dir, download)
     files = train_files if is_train_split(split) else test_files
     parts = [_read_batch(os.path.join(path, f), label_key) for f in files]
@@ -156,8 +163,8 @@ def dali_pipeline(source: Any, *, train: bool, mean: tuple[float, ...], std: tup
             # Centered 40 x 40 window with zero fill = pad 4; then a 32 x 32 window at one of the 9 x 9 offsets.
             images = fn.crop(images, crop=(32 + 2 * PAD, 32 + 2 * PAD), out_of_bounds_policy="pad", fill_values=0)
             positions = [i / (2 * PAD) for i in range(2 * PAD + 1)]
-            crop = dict(crop=(32, 32), crop_pos_x=fn.random.uniform(values=positions),
-                        crop_pos_y=fn.random.uniform(values=positions), mirror=fn.random.coin_flip())
+            crop = {"crop": (32, 32), "crop_pos_x": fn.random.uniform(values=positions),
+                        "crop_pos_y": fn.random.uniform(values=positions), "mirror": fn.random.coin_flip()}
         images = fn.crop_mirror_normalize(images, mean=[255 * m for m in mean], std=[255 * s for s in std],
                                           dtype=types.FLOAT, output_layout="CHW", **crop)
         return images, labels
@@ -249,8 +256,8 @@ def build_cifar(name: str, split: str, *, data_dir: str | os.PathLike, batch_siz
     train = is_train_split(split)
     *_, num_classes, mean, std = _LAYOUT[name]
     images, labels = load_cifar(name, split, data_dir=data_dir, download=download)
-    common = dict(num_classes=num_classes, train=train, batch_size=batch_size, rank=rank, world_size=world_size,
-                  seed=seed, device=device)
+    common = {"num_classes": num_classes, "train": train, "batch_size": batch_size, "rank": rank,
+              "world_size": world_size, "seed": seed, "device": device}
     if backend == "dali":
         return CifarDali(images, labels, mean=mean, std=std, num_threads=num_threads, **common)
     x = torch.from_numpy(rearrange(images, "n h w c -> n c h w").copy())

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from pipelines._common import MapLoader, ShardedLoader, check_common, crop_flip, is_train_split, \
-    random_crop_flip_params
+from pipelines._common import MapLoader, ShardedLoader, check_common, crop_flip, is_train_split, random_crop_flip_params
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SENSOR = 128
@@ -192,9 +191,9 @@ def _save_frames(path: str, frames: np.ndarray, *, source: str) -> None:
         raise ValueError(f"{source!r}: a pixel count of {top} exceeds 65535 and cannot be cached as uint16")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        with z.open("frames.npy", "w") as f:
-            np.lib.format.write_array(f, frames.astype(np.uint8 if top <= 255 else np.uint16))
+    with (zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z,
+          z.open("frames.npy", "w") as f):
+        np.lib.format.write_array(f, frames.astype(np.uint8 if top <= 255 else np.uint16))
     os.replace(tmp, path)  # atomic: concurrent workers or ranks never see a half-written file
 
 
@@ -265,7 +264,7 @@ class DVSFrames(torch.utils.data.Dataset):
         path = os.path.normpath(self.paths[i])
         try:
             events, _ = self._tonic[self._tonic_index[path]]
-        except Exception as err:  # noqa: BLE001 - aedat raises RuntimeError with no file name
+        except Exception as err:
             raise ValueError(f"cannot read events from {path!r} ({type(err).__name__}: {err}); re-extract the file "
                              f"from the dataset archive.") from err
         return events

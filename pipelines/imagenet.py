@@ -87,7 +87,7 @@ def _pil_loader(path: str) -> Any:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except Exception as err:  # noqa: BLE001 - any decode failure is reported the same way
+    except Exception as err:
         raise ValueError(f"cannot decode image {path!r} ({err}); replace it with a good copy or delete it.") from err
 
 
@@ -132,11 +132,11 @@ def dali_pipeline(files: list[str], labels: list[int], *, train: bool, cuda: boo
                                                    random_area=list(SCALE), random_aspect_ratio=list(RATIO),
                                                    num_attempts=10)
             images = fn.resize(images, resize_x=SIZE, resize_y=SIZE, interp_type=types.INTERP_LINEAR)
-            crop = dict(mirror=fn.random.coin_flip())
+            crop = {"mirror": fn.random.coin_flip()}
         else:
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=RESIZE, interp_type=types.INTERP_LINEAR)
-            crop = dict(crop=(SIZE, SIZE))
+            crop = {"crop": (SIZE, SIZE)}
         images = fn.crop_mirror_normalize(images, mean=[255 * m for m in IMAGENET_MEAN],
                                           std=[255 * s for s in IMAGENET_STD], dtype=types.FLOAT,
                                           output_layout="CHW", **crop)
@@ -171,6 +171,16 @@ class ImageNetDali(DaliLoader):
                              seed=epoch_seed(self.seed, self.epoch, self.rank) % 2**31)
 
 
+    def _run_error(self, batches: list[np.ndarray], i: int, err: RuntimeError) -> Exception:
+        # DALI says only "decoder failure"; the culprit is in the failing batch or a prefetched one: decode those
+        # few files with PIL to name it.
+        for idx in batches[i:i + 3]:
+            for j in idx:
+                _pil_loader(self.paths[j])  # raises ValueError naming the file
+        return ValueError(f"DALI failed on a batch of {os.path.dirname(os.path.dirname(self.paths[0]))!r} ({err}); "
+                          f"retry with backend='torch' to find the file.")
+
+
 def build_imagenet(split: str, *, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
                    device: str | torch.device = "cpu", backend: str = "auto", seed: int = 0,
                    num_threads: int | None = None, num_workers: int | None = None,
@@ -200,8 +210,8 @@ def build_imagenet(split: str, *, data_dir: str | os.PathLike, batch_size: int, 
     paths, labels, classes = list_images(root)
     if verify or (verify is None and len(paths) <= VERIFY_LIMIT):
         verify_images(paths)
-    common = dict(num_classes=len(classes), train=train, batch_size=batch_size, rank=rank, world_size=world_size,
-                  seed=seed, device=device)
+    common = {"num_classes": len(classes), "train": train, "batch_size": batch_size, "rank": rank,
+              "world_size": world_size, "seed": seed, "device": device}
     if backend == "dali":
         return ImageNetDali(paths, labels, num_threads=num_threads, **common)
     from torchvision.datasets import ImageFolder

@@ -24,7 +24,7 @@ from pipelines import cifar, cifar10dvs, digits, imagenet
 from pipelines._common import crop_flip, shard_indices
 
 sys.path.insert(0, os.path.dirname(__file__))
-from datasets_fixtures import write_aedat4, write_cifar, write_cifar10dvs, write_imagenet  # noqa: E402
+from datasets_fixtures import write_aedat4, write_cifar, write_cifar10dvs, write_imagenet
 
 BACKENDS = ["dali", "torch"] if pipelines.dali_available() else ["torch"]
 cuda = pytest.mark.gpu
@@ -76,7 +76,7 @@ def cifar_data(tmp_path_factory):
     write_cifar(root, "cifar100", xtr, ytr * 10 + 3, xte, yte * 10 + 3)
     ids_root = str(tmp_path_factory.mktemp("cifar_ids"))
     write_cifar(ids_root, "cifar10", colour_ids(203), np.arange(203) % 10, colour_ids(77), np.arange(77) % 10)
-    return dict(root=root, ids_root=ids_root, train=(xtr, ytr), test=(xte, yte))
+    return {"root": root, "ids_root": ids_root, "train": (xtr, ytr), "test": (xte, yte)}
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_digits_contract():
 
 
 def test_cifar10dvs_contract(dvs_root, tmp_path):
-    kw = dict(data_dir=dvs_root, batch_size=8, T=4, num_workers=0, cache_dir=str(tmp_path))
+    kw = {"data_dir": dvs_root, "batch_size": 8, "T": 4, "num_workers": 0, "cache_dir": str(tmp_path)}
     train = pipelines.build_loader("cifar10dvs", "train", **kw)
     test = pipelines.build_loader("cifar10dvs", "test", **kw)
     # 12 per class: ceil(0.9 * 12) = 11 train, 1 test.
@@ -254,7 +254,7 @@ def test_crop_flip_matches_pad_slice_mirror(b, c, h, w, pad, data):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_validation_is_deterministic_and_epochs_permute(cifar_data, backend):
-    kw = dict(data_dir=cifar_data["root"], batch_size=16, backend=backend)
+    kw = {"data_dir": cifar_data["root"], "batch_size": 16, "backend": backend}
     test = pipelines.build_loader("cifar10", "test", **kw)
     a = collect(test)
     test.set_epoch(5)
@@ -262,7 +262,7 @@ def test_validation_is_deterministic_and_epochs_permute(cifar_data, backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # Training order: a function of (seed, epoch) only.
     train, again = (pipelines.build_loader("cifar10", "train", **kw) for _ in range(2))
-    ids = lambda ld: collect(ld)[1].tolist()  # noqa: E731
+    ids = lambda ld: collect(ld)[1].tolist()
     train.set_epoch(1)
     again.set_epoch(1)
     order1 = ids(train)
@@ -273,7 +273,7 @@ def test_validation_is_deterministic_and_epochs_permute(cifar_data, backend):
 
 @pytest.mark.skipif("dali" not in BACKENDS, reason="needs DALI")
 def test_cifar_backends_agree_on_test(cifar_data):
-    kw = dict(data_dir=cifar_data["root"], batch_size=16)
+    kw = {"data_dir": cifar_data["root"], "batch_size": 16}
     a = collect(pipelines.build_loader("cifar100", "test", backend="dali", **kw))
     b = collect(pipelines.build_loader("cifar100", "test", backend="torch", **kw))
     torch.testing.assert_close(a[0], b[0], atol=2e-5, rtol=0)
@@ -308,7 +308,7 @@ def test_shard_indices(n, batch, world, epoch):
     assert all(len(s) == per for s in train)
     flat = np.concatenate(train)
     assert len(np.unique(flat)) == len(flat) and (flat < n).all()  # disjoint; drops < world * batch samples
-    assert n - len(flat) < world * batch + world
+    assert n - len(flat) <= world * batch - 1  # drop-last: n mod world, plus each rank's partial batch
     test = [shard_indices(n, train=False, batch_size=batch, rank=r, world_size=world, seed=3, epoch=epoch)
             for r in range(world)]
     np.testing.assert_array_equal(np.concatenate(test), np.arange(n))  # exactly once, in order
@@ -320,7 +320,7 @@ def test_two_ranks_cover_cifar_exactly_once(cifar_data, backend):
     """Training: the ranks' samples are disjoint, the same count each, whole batches; 203 // 2 = 101 per rank,
     floor(101 / 16) * 16 = 96, so 203 - 192 = 11 samples are dropped per epoch. Test: every id exactly once."""
     norm = pipelines.NORMALIZATION["cifar10"]
-    kw = dict(data_dir=cifar_data["ids_root"], batch_size=16, backend=backend, world_size=2, seed=7)
+    kw = {"data_dir": cifar_data["ids_root"], "batch_size": 16, "backend": backend, "world_size": 2, "seed": 7}
     for epoch in (0, 1):
         shards = []
         for rank in (0, 1):
@@ -344,7 +344,7 @@ def test_two_ranks_cover_cifar_exactly_once(cifar_data, backend):
 def test_two_rank_validation_equals_one_rank(dataset, imagenet_root, dvs_root, tmp_path):
     """Concatenating rank 0 and rank 1 of the test split reproduces the single-process pass exactly."""
     roots = {"imagenet": imagenet_root, "cifar10dvs": dvs_root, "digits": None}
-    kw = dict(data_dir=roots[dataset], batch_size=4, T=3, num_workers=0)
+    kw = {"data_dir": roots[dataset], "batch_size": 4, "T": 3, "num_workers": 0}
     if dataset == "cifar10dvs":
         kw["cache_dir"] = str(tmp_path)
     if dataset == "imagenet" and "dali" in BACKENDS:
@@ -469,7 +469,7 @@ def test_dvs_split_order_and_cache(dvs_root, tmp_path, monkeypatch):
     # Lexicographic order 0, 1, 10, 11, 2, ..., 9: the test sample of each class is file 9.
     assert [os.path.basename(paths[i]) for i in test] == [f"cifar10_{c}_9.aedat4" for c in cifar10dvs.CLASSES]
     assert len(cifar10dvs.split_indices(labels, train=True)) == 110
-    kw = dict(data_dir=dvs_root, batch_size=5, T=3, num_workers=0, cache_dir=str(tmp_path))
+    kw = {"data_dir": dvs_root, "batch_size": 5, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path)}
     first = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
     cached = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz"))
     assert len(cached) == 10 and all(p.startswith("frames_number_3_split_by_number_h1_v1/") for p in cached)
@@ -485,7 +485,7 @@ def test_dvs_split_order_and_cache(dvs_root, tmp_path, monkeypatch):
 
 
 def test_dvs_train_crop_is_shared_over_time_and_polarity(dvs_root, tmp_path):
-    kw = dict(data_dir=dvs_root, batch_size=10, T=3, num_workers=0, cache_dir=str(tmp_path))
+    kw = {"data_dir": dvs_root, "batch_size": 10, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path)}
     loader = pipelines.build_loader("cifar10dvs", "train", **kw)
     x, y = next(iter(loader))
     ds = loader.dataset
@@ -560,14 +560,15 @@ def test_unreadable_jpeg(tmp_path, backend):
         pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=2, backend=backend)
 
 
-def test_truncated_jpeg_named_at_decode(tmp_path):
-    """A JPEG whose header survives but whose data does not is caught when decoded (torch backend)."""
-    write_imagenet(str(tmp_path), classes=1, train_per_class=1, val_per_class=1)
-    path = tmp_path / "val" / "n00000000" / "img_0_0.JPEG"
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_jpeg_named_at_decode(tmp_path, backend):
+    """A JPEG whose header survives but whose data does not is caught when decoded, and the file is named."""
+    write_imagenet(str(tmp_path), classes=1, train_per_class=1, val_per_class=5)
+    path = tmp_path / "val" / "n00000000" / "img_0_3.JPEG"
     path.write_bytes(path.read_bytes()[:40])
-    loader = pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=1, backend="torch",
-                                    num_workers=0)
-    with pytest.raises(ValueError, match="img_0_0.JPEG"):
+    loader = pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=2, backend=backend,
+                                    num_workers=0, num_threads=1)
+    with pytest.raises(ValueError, match="img_0_3.JPEG"):
         collect(loader)
 
 
@@ -592,7 +593,7 @@ def test_truncated_aedat4(tmp_path, cut):
 @cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cifar_on_cuda_matches_cpu(cifar_data, backend):
-    kw = dict(data_dir=cifar_data["root"], batch_size=16, backend=backend)
+    kw = {"data_dir": cifar_data["root"], "batch_size": 16, "backend": backend}
     gpu = pipelines.build_loader("cifar10", "test", device="cuda", **kw)
     x, y = next(iter(gpu))
     assert x.is_cuda and y.is_cuda
