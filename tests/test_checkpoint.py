@@ -1,0 +1,257 @@
+"""glif2.checkpoint and glif2.convert: the released-file loader (fixtures built from ARCHITECTURES.md's key tables),
+our checkpoint round trip and its atomic write."""
+
+import argparse
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from spec_layouts import layout, old_naming, random_state_dict
+
+import glif2
+from glif2 import convert
+from glif2.checkpoint import REFERENCE_KEYS, CheckpointError, clean_state_dict, rng_state, set_rng_state
+
+# (file name, arch, classes, T, layout options, spec key count at T=6 where §6/A gives one)
+RELEASED = [
+    ("resCifar18stand-CIFAR10-step6-CW.pth.tar", "resnet18", 10, 6, {}, 308),
+    ("resCifar18stand-CIFAR100-step2-CW.pth.tar", "resnet18", 100, 2, {}, None),
+    ("resCifar19-CIFAR10-step4-CW.pth.tar", "resnet19", 10, 4, {}, None),
+    ("resCifar19-CIFAR100-step6-CW.pth.tar", "resnet19", 100, 6, {}, 306),
+    ("resnet18MS-ImageNet-step6.pth.tar", "resnet18ms", 1000, 6, {"td": False}, 283),
+    ("checkpoint_max.pth", "sew7b_wide", 10, 16, {}, 226),
+]
+# Files in the reference format that were never released (names give nothing away: shapes decide).
+UNNAMED = [
+    ("some-cifarnet.pth.tar", "cifarnet", 10, 2, {}),
+    ("layerwise19.pth.tar", "resnet19", 10, 2, {"channel_wise": False}),
+    ("softsimple18.pth.tar", "resnet18", 100, 2, {"variant": "glif_f", "two_linear": False}),
+    ("r34.pth.tar", "resnet34", 1000, 2, {}),
+]
+
+
+def ours(key):
+    *path, leaf = key.split(".")
+    return ".".join([*path, REFERENCE_KEYS.get(leaf, leaf)])
+
+
+def write_reference(path, arch, K, T, opts, *, prefix="", old=False, extra=None):
+    """A file in the reference format: {'state_dict': ...} (or {'net': ...} + training state for DVS)."""
+    sd = random_state_dict(layout(arch, K, T, **opts), float64_gates=arch == "sew7b_wide")
+    stored = {prefix + (old_naming(k) if old else k): v for k, v in sd.items()}
+    if arch == "sew7b_wide":
+        payload = {"net": stored, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+                   "lr_scheduler": {"last_epoch": 3}, "epoch": 168, "max_test_acc": 0.781}
+    else:
+        payload = {"state_dict": stored}
+    payload.update(extra or {})
+    torch.save(payload, path)
+    return sd
+
+
+def assert_loaded(model, sd):
+    got = model.state_dict()
+    assert len(got) == len(sd)
+    for k, v in sd.items():
+        assert got[ours(k)].dtype == v.dtype, k
+        assert torch.equal(got[ours(k)], v), k
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("reference")
+
+
+@pytest.mark.parametrize("name, arch, K, T, opts, keys", RELEASED, ids=[r[0] for r in RELEASED])
+def test_released_layouts_load_strictly(ref_dir, name, arch, K, T, opts, keys):
+    if keys is not None:
+        assert len(layout(arch, K, 6 if arch != "sew7b_wide" else 16, **opts)) == keys
+    prefix = "module." if arch == "resnet18ms" else ""  # saved from DDP (ARCHITECTURES.md §6)
+    sd = write_reference(ref_dir / name, arch, K, T, opts, prefix=prefix)
+    model = glif2.load_reference_checkpoint(ref_dir / name, eager=True)
+    assert (model.model_config["name"], model.model_config["num_classes"], model.model_config["T"]) == (arch, K, T)
+    assert_loaded(model, sd)
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    plain = arch in ("resnet18ms", "sew7b_wide")
+    assert all(isinstance(m, glif2.tdBatchNorm) != plain for m in bn)
+    if arch == "sew7b_wide":
+        assert model.conv[0][1].alpha.dtype == torch.float64
+        assert model.checkpoint_meta["dataset"] == "cifar10dvs" and model.checkpoint_meta["epoch"] == 168
+    else:
+        x = torch.randn(1, 3, 16, 16)
+        assert torch.isfinite(model.eval()(x)).all()
+
+
+@pytest.mark.parametrize("name, arch, K, T, opts", UNNAMED, ids=[u[0] for u in UNNAMED])
+def test_unreleased_layouts_inferred_from_shapes(tmp_path, name, arch, K, T, opts):
+    sd = write_reference(tmp_path / name, arch, K, T, opts)
+    model = glif2.load_reference_checkpoint(tmp_path / name)
+    assert (model.model_config["name"], model.model_config["num_classes"], model.model_config["T"]) == (arch, K, T)
+    assert_loaded(model, sd)
+
+
+@pytest.mark.parametrize("arch, K, T", [("resnet19", 10, 2), ("resnet18ms", 1000, 2), ("sew7b_wide", 10, 2),
+                                        ("cifarnet", 10, 2)])
+def test_old_container_naming_and_prefixes(tmp_path, arch, K, T):
+    opts = {"td": False} if arch == "resnet18ms" else {}
+    path = tmp_path / "old.pth.tar"
+    sd = write_reference(path, arch, K, T, opts, prefix="module.", old=True)
+    stored = torch.load(path, weights_only=True)
+    assert any(".module." in k for k in (stored.get("state_dict") or stored["net"]))
+    assert_loaded(glif2.load_reference_checkpoint(path), sd)
+
+
+def test_namespace_in_file_is_allowed(tmp_path):
+    path = tmp_path / "resCifar19-CIFAR10-step2-CW.pth.tar"
+    write_reference(path, "resnet19", 10, 2, {}, extra={"args": argparse.Namespace(t=2, cifar100=False)})
+    assert glif2.load_reference_checkpoint(path).model_config["T"] == 2
+
+
+def test_wrong_classes_names_keys_and_hint(ref_dir):
+    path = ref_dir / "resCifar19-CIFAR10-step4-CW.pth.tar"
+    if not path.exists():
+        write_reference(path, "resnet19", 10, 4, {})
+    with pytest.raises(CheckpointError) as err:
+        glif2.load_reference_checkpoint(path, num_classes=100)
+    msg = str(err.value)
+    assert "lastave.1.weight" in msg and "wrong shape" in msg and "num_classes=10" in msg
+
+
+def test_wrong_T_names_conduct_and_hint(tmp_path):
+    path = tmp_path / "resCifar18stand-CIFAR10-step6-CW.pth.tar"
+    write_reference(path, "resnet18", 10, 6, {})
+    with pytest.raises(CheckpointError) as err:
+        glif2.load_reference_checkpoint(path, T=4)
+    msg = str(err.value)
+    assert "conv1.1.conduct: file (6, 64) vs model (4, 64)" in msg and "T=6" in msg
+
+
+def test_wrong_arch_lists_missing_and_unexpected(tmp_path):
+    path = tmp_path / "x.pth.tar"
+    write_reference(path, "resnet19", 10, 2, {})
+    with pytest.raises(CheckpointError) as err:
+        glif2.load_reference_checkpoint(path, arch="resnet18ms")
+    msg = str(err.value)
+    assert "missing" in msg and "unexpected" in msg and "arch='resnet19'" in msg
+
+
+def test_missing_key(tmp_path):
+    path = tmp_path / "resCifar19-CIFAR100-step2-CW.pth.tar"
+    sd = random_state_dict(layout("resnet19", 100, 2))
+    del sd["features.3.lif.reVth"]
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(CheckpointError, match=r"(?s)1 missing.*features\.3\.lif\.v_reset"):
+        glif2.load_reference_checkpoint(path)
+
+
+def test_truncated_and_foreign_files(tmp_path):
+    good = tmp_path / "resCifar19-CIFAR10-step2-CW.pth.tar"
+    write_reference(good, "resnet19", 10, 2, {})
+    data = good.read_bytes()
+    (tmp_path / "truncated.pth.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.pth.tar").write_text("not a checkpoint\n")
+    (tmp_path / "empty.pth.tar").write_bytes(b"")
+    for name in ("truncated.pth.tar", "notes.pth.tar", "empty.pth.tar"):
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint|cannot be read"):
+            glif2.load_model(tmp_path / name)
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "list.pth.tar")
+    with pytest.raises(CheckpointError, match="no state dict found"):
+        glif2.load_reference_checkpoint(tmp_path / "list.pth.tar")
+    torch.save({"state_dict": {"foo.weight": torch.zeros(3)}}, tmp_path / "foo.pth.tar")
+    with pytest.raises(CheckpointError, match="cannot infer the architecture"):
+        glif2.load_reference_checkpoint(tmp_path / "foo.pth.tar")
+
+
+def test_convert_writes_our_format(tmp_path):
+    ref = tmp_path / "resCifar19-CIFAR100-step2-CW.pth.tar"
+    sd = write_reference(ref, "resnet19", 100, 2, {})
+    out = convert.main([str(ref), str(tmp_path / "r19.pt")])
+    ckpt = glif2.load_checkpoint(out)
+    assert ckpt["version"] == glif2.checkpoint.VERSION and ckpt["config"]["dataset"] == "cifar100"
+    model = glif2.load_model(out)
+    assert model.checkpoint_meta["format"] == "glif2" and model.checkpoint_meta["dataset"] == "cifar100"
+    assert_loaded(model, sd)
+
+
+# ours
+
+
+def _trained_small(T=2):
+    torch.manual_seed(0)
+    model = glif2.create_model("glifnet_small", 10, T, eager=True, gates="hard")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return model, opt, x
+
+
+def test_round_trip_identical_logits(tmp_path):
+    model, opt, x = _trained_small()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5)
+    path = glif2.save_checkpoint(tmp_path / "run" / "last.pt", model=model, optimizer=opt, scheduler=sched,
+                                 rng=rng_state(), epoch=4, step=40, best_acc=91.5,
+                                 config={"dataset": "digits", "lr": 0.1, "milestones": [3, 6]})
+    ckpt = glif2.load_checkpoint(path)
+    assert ckpt["epoch"] == 4 and ckpt["config"]["milestones"] == [3, 6] and "state" in ckpt["optimizer"]
+    loaded = glif2.load_model(path)
+    assert loaded.model_config == model.model_config and loaded.model_config["gates"] == "hard"
+    assert loaded.checkpoint_meta == {"format": "glif2", "path": str(path), "dataset": "digits", "epoch": 4,
+                                      "step": 40, "best_acc": 91.5}
+    model.eval(), loaded.eval()
+    assert torch.equal(model(x), loaded(x))
+    opt2 = torch.optim.SGD(loaded.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(ckpt["optimizer"])
+
+
+def test_round_trip_dvs_float64_gates(tmp_path):
+    model = glif2.create_model("sew7b_wide", 10, 2, input_size=16, eager=True)
+    path = glif2.save_checkpoint(tmp_path / "dvs.pt", model=model)
+    loaded = glif2.load_model(path)
+    assert loaded.conv[0][1].alpha.dtype == torch.float64
+    x = torch.rand(2, 2, 2, 16, 16)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_wrapped_model_saves_clean_keys(tmp_path):
+    model = glif2.create_model("glifnet_small", 10, 2, eager=True)
+    compiled = torch.compile(model)  # wraps as `_orig_mod`; nothing is compiled until it is called
+    path = glif2.save_checkpoint(tmp_path / "c.pt", model=compiled)
+    ckpt = glif2.load_checkpoint(path)
+    assert list(ckpt["model"]) == list(model.state_dict()) and ckpt["model_config"] == model.model_config
+    dirty = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    assert list(clean_state_dict(dirty)) == list(model.state_dict())
+
+
+def test_crash_between_write_and_rename_keeps_old_file(tmp_path, monkeypatch):
+    model, opt, x = _trained_small()
+    path = glif2.save_checkpoint(tmp_path / "ckpt.pt", model=model, epoch=1)
+
+    def crash(src, dst):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        glif2.save_checkpoint(path, model=model, epoch=2)
+    monkeypatch.undo()
+    assert glif2.load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_load_model_overrides_and_shape_errors(tmp_path):
+    model = glif2.create_model("glifnet_small", 10, 2, eager=True)
+    path = glif2.save_checkpoint(tmp_path / "m.pt", model=model)
+    assert glif2.load_model(path, eager=False).model_config["eager"] is False
+    with pytest.raises(CheckpointError, match="conduct: file"):
+        glif2.load_model(path, T=3)
+
+
+def test_rng_state_round_trip(tmp_path):
+    path = glif2.save_checkpoint(tmp_path / "rng.pt", rng=rng_state())
+    a = (random.random(), np.random.rand(), torch.rand(1))
+    set_rng_state(glif2.load_checkpoint(path)["rng"])
+    b = (random.random(), np.random.rand(), torch.rand(1))
+    assert a[:2] == b[:2] and torch.equal(a[2], b[2])
