@@ -1,6 +1,6 @@
 """The GLIF neuron (Yao et al., NeurIPS 2022): one module for the whole family, fused by torch.compile.
 
-Shape letters: t steps, b batch, c channels, n the flattened trailing (spatial) dims.
+Shape letters: t steps, b batch, c channels, n the flattened trailing (spatial) dims, r = (b c) rows.
 
 Per step, with u_{-1} = 0 and o_{-1} = 0 (GLIF.md §3):
 
@@ -29,7 +29,7 @@ gates need nothing from the kernels. The reset terms are not detached (as in the
 from typing import NamedTuple
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
 from glif2.compile import compile_kernel
@@ -40,8 +40,8 @@ GATE_MODES = ("soft", "hard", "static_soft", "static_hard")
 
 
 class GLIFState(NamedTuple):
-    u: Tensor  # membrane potential before reset, b c n
-    o: Tensor  # spike of the previous step, b c n
+    u: Tensor  # membrane potential before reset, r n
+    o: Tensor  # spike of the previous step, r n
 
 
 class GLIFCoeffs(NamedTuple):
@@ -56,7 +56,7 @@ class GLIFCoeffs(NamedTuple):
 
 
 def glif_step(x_t: Tensor, gain_t: Tensor, state: GLIFState, p: GLIFCoeffs) -> tuple[Tensor, GLIFState]:
-    """One time step. x_t: b c n (compute dtype); gain_t: c 1. Returns (spike, new state)."""
+    """One time step. x_t: r n (compute dtype), every coefficient broadcastable to it. Returns (spike, state)."""
     u = p.decay * state.u * (1.0 - p.hard * state.o) - p.drift + gain_t * x_t - p.soft * state.o
     o = (u > p.v_th).to(u.dtype)
     return o, GLIFState(u, o)
@@ -68,15 +68,11 @@ def _compute_dtype(x: Tensor, p: GLIFCoeffs) -> torch.dtype:
     return torch.promote_types(torch.promote_types(x.dtype, p.decay.dtype), torch.float32)
 
 
-def _initial_state(x: Tensor, dtype: torch.dtype) -> GLIFState:
-    zero = torch.zeros(x.shape[1:], dtype=dtype, device=x.device)
-    return GLIFState(zero, zero)
-
-
 def glif_forward(x: Tensor, p: GLIFCoeffs) -> Tensor:
-    """All T steps. x: t b c n -> spikes t b c n (x's dtype)."""
+    """All T steps. x: t r n (r rows, each with its own coefficients `r 1`, gain `t r 1`) -> spikes, x's dtype."""
     dtype = _compute_dtype(x, p)
-    state = _initial_state(x, dtype)
+    zero = torch.zeros(x.shape[1:], dtype=dtype, device=x.device)
+    state = GLIFState(zero, zero)
     spikes = []
     for t in range(x.shape[0]):
         o, state = glif_step(x[t].to(dtype), p.gain[t], state, p)
@@ -87,26 +83,25 @@ def glif_forward(x: Tensor, p: GLIFCoeffs) -> Tensor:
 def glif_backward(
     grad_out: Tensor, x: Tensor, p: GLIFCoeffs, surrogate: str, width: float
 ) -> tuple[Tensor, GLIFCoeffs]:
-    """Hand-derived BPTT. Recomputes u from x (nothing else is saved), then runs the recursion backwards.
+    """Hand-derived BPTT over x: t r n. Recomputes u from x (nothing else is saved), then runs backwards in time.
 
     With h_t = 1 - hard * o_{t-1} and sg_t = surrogate'(u_t - v_th):
         dL/do_t = g_t - du_{t+1} * (decay * hard * u_t + soft)
         du_t    = dL/do_t * sg_t + du_{t+1} * decay * h_{t+1}
-    and the coefficient gradients follow from u_t's dependence on each of them. Parameter gradients are summed
-    over n inside the fused loop (giving b c partials) and over b afterwards: one iteration order, so inductor
-    keeps the whole backward in one loop nest.
+    and each coefficient's gradient follows from u_t's dependence on it. Returns dL/dx (t r n, x's dtype) and the
+    coefficient gradients summed over n only (`r 1`, gain `t r 1`).
     """
     derivative = get_surrogate(surrogate).derivative
     dtype = _compute_dtype(x, p)
     steps = x.shape[0]
-    state = _initial_state(x, dtype)
+    zero = torch.zeros(x.shape[1:], dtype=dtype, device=x.device)
+    state = GLIFState(zero, zero)
     us, os_ = [], []
     for t in range(steps):
         _, state = glif_step(x[t].to(dtype), p.gain[t], state, p)
         us.append(state.u)
         os_.append(state.o)
 
-    zero = torch.zeros_like(us[0])
     d_decay = d_hard = d_drift = d_soft = d_vth = zero
     d_gain, d_x = [], []
     du_next = zero
@@ -118,8 +113,7 @@ def glif_backward(
             d_o = d_o - du_next * (p.decay * p.hard * u + p.soft)
         d_fire = d_o * derivative(u - p.v_th, width)
         du = d_fire if t == steps - 1 else d_fire + du_next * p.decay * (1.0 - p.hard * o)
-        kept = u_prev * (1.0 - p.hard * o_prev)
-        d_decay = d_decay + du * kept
+        d_decay = d_decay + du * u_prev * (1.0 - p.hard * o_prev)
         d_hard = d_hard - du * p.decay * u_prev * o_prev
         d_drift = d_drift - du
         d_soft = d_soft - du * o_prev
@@ -128,30 +122,53 @@ def glif_backward(
         d_x.append((du * p.gain[t]).to(x.dtype))
         du_next = du
 
-    def per_channel(g: Tensor) -> Tensor:  # b c n -> c 1
-        return g.sum(-1, keepdim=True).sum(0)
+    def over_n(g: Tensor) -> Tensor:
+        return g.sum(-1, keepdim=True)
 
-    grads = GLIFCoeffs(
-        decay=per_channel(d_decay),
-        hard=per_channel(d_hard),
-        drift=per_channel(d_drift),
-        soft=per_channel(d_soft),
-        v_th=per_channel(d_vth),
-        gain=torch.stack(d_gain[::-1]).sum(1),  # t b c 1 -> t c 1
-    )
+    grads = GLIFCoeffs(over_n(d_decay), over_n(d_hard), over_n(d_drift), over_n(d_soft), over_n(d_vth),
+                       torch.stack(d_gain[::-1]))
     return torch.stack(d_x[::-1]), grads
 
 
-_glif_forward_compiled = compile_kernel(glif_forward)
-_glif_backward_compiled = compile_kernel(glif_backward)
+def _rows(p: GLIFCoeffs, b: int) -> GLIFCoeffs:
+    """`c 1` coefficients -> one per row of `(b c) n`. The kernels index every operand by row alone, which keeps
+    inductor's backward in a single loop nest (per-channel operands made it split the nest and spill temporaries)."""
+    return GLIFCoeffs(*(repeat(v, "c 1 -> (b c) 1", b=b) for v in p[:5]), gain=repeat(p.gain, "t c 1 -> t (b c) 1", b=b))
+
+
+def fused_forward(x: Tensor, p: GLIFCoeffs) -> Tensor:
+    """x: t b c n, coefficients `c 1` -> spikes t b c n."""
+    b = x.shape[1]
+    spikes = glif_forward(rearrange(x, "t b c n -> t (b c) n"), _rows(p, b))
+    return rearrange(spikes, "t (b c) n -> t b c n", b=b)
+
+
+def fused_backward(
+    grad_out: Tensor, x: Tensor, p: GLIFCoeffs, surrogate: str, width: float
+) -> tuple[Tensor, GLIFCoeffs]:
+    """Gradients for x (t b c n) and for the `c 1` coefficients (summed over n in the fused loop, then over b)."""
+    b = x.shape[1]
+    d_x, g = glif_backward(
+        rearrange(grad_out, "t b c n -> t (b c) n"), rearrange(x, "t b c n -> t (b c) n"), _rows(p, b), surrogate, width
+    )
+    grads = GLIFCoeffs(
+        *(reduce(v, "(b c) 1 -> c 1", "sum", b=b).to(v_p.dtype) for v, v_p in zip(g[:5], p[:5])),
+        gain=reduce(g.gain, "t (b c) 1 -> t c 1", "sum", b=b).to(p.gain.dtype),
+    )
+    return rearrange(d_x, "t (b c) n -> t b c n", b=b), grads
+
+
+_fused_forward_compiled = compile_kernel(fused_forward)
+_fused_backward_compiled = compile_kernel(fused_backward)
 
 
 class GLIFFunction(torch.autograd.Function):
-    """Fused GLIF over all steps: compiled forward, compiled hand-derived backward, only x saved."""
+    """Fused GLIF over all steps on x: t b c n: compiled forward, compiled hand-derived backward, only x saved."""
 
     @staticmethod
     def forward(x: Tensor, surrogate: str, width: float, eager: bool, *coeffs: Tensor) -> Tensor:
-        run = glif_forward if eager or torch.compiler.is_compiling() else _glif_forward_compiled
+        # Under an outer torch.compile the plain function is traced into the caller's graph.
+        run = fused_forward if eager or torch.compiler.is_compiling() else _fused_forward_compiled
         return run(x, GLIFCoeffs(*coeffs))
 
     @staticmethod
@@ -163,7 +180,7 @@ class GLIFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, *coeffs = ctx.saved_tensors
-        run = glif_backward if ctx.eager or torch.compiler.is_compiling() else _glif_backward_compiled
+        run = fused_backward if ctx.eager or torch.compiler.is_compiling() else _fused_backward_compiled
         d_x, d_coeffs = run(grad_out, x, GLIFCoeffs(*coeffs), ctx.surrogate, ctx.width)
         return d_x, None, None, None, *d_coeffs
 
