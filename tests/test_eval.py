@@ -1,0 +1,84 @@
+"""eval.py end to end on digits with tiny checkpoints (JSON checked), and its metric arithmetic."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import glif2
+from glif2.models import glif_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402  (the repo-root script)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    paths = []
+    for i, T in enumerate((2, 3)):
+        model = glif2.create_model("glifnet_small", 10, T, eager=True)  # eager: no kernel compilation in tests
+        paths.append(glif2.save_checkpoint(folder / f"tiny{i}.pt", model=model, epoch=i,
+                                           config={"dataset": "digits"}))
+    return folder, paths
+
+
+def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
+    folder, paths = tiny_checkpoints
+    out = tmp_path / "res" / "eval.json"
+    rows = evaluation.main(["--checkpoint", str(paths[0]), "--batch-size", "90", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    (row,) = json.loads(out.read_text())
+    assert row["checkpoint"] == str(paths[0]) and row["format"] == "glif2" and row["dataset"] == "digits"
+    assert (row["arch"], row["T"], row["num_classes"], row["num_samples"]) == ("glifnet_small", 2, 10, 360)
+    assert 0 <= row["top1"] <= row["top5"] <= 100 and row["loss"] > 0 and row["images_per_s"] > 0
+    model = glif2.load_model(paths[0])
+    assert list(row["firing_rates"]) == [name for name, _ in glif_layers(model)]
+    assert all(0 <= r <= 1 for r in row["firing_rates"].values()) and 0 <= row["firing_rate"] <= 1
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "features.1" in printed and "images/s" in printed
+
+
+def test_eval_folder_one_row_each(tiny_checkpoints, tmp_path):
+    folder, paths = tiny_checkpoints
+    rows = evaluation.main(["--checkpoint", str(folder), "--dataset", "digits", "--batch-size", "180",
+                            "--json", str(tmp_path / "all.json")])
+    assert [r["checkpoint"] for r in rows] == [str(p) for p in paths]
+    assert [r["T"] for r in rows] == [2, 3]
+    assert len(json.loads((tmp_path / "all.json").read_text())) == 2
+
+
+def test_evaluate_metrics_match_manual():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 7)
+    y = torch.randint(0, 7, (50,))
+    batches = [(logits[i : i + 16], y[i : i + 16]) for i in range(0, 50, 16)]
+    res = evaluation.evaluate(torch.nn.Identity(), batches, progress=False)
+    top5 = logits.topk(5, dim=1).indices
+    assert res["top1"] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
+    assert res["top5"] == pytest.approx(100 * (top5 == y[:, None]).any(1).float().mean().item())
+    assert res["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert res["num_samples"] == 50 and res["firing_rates"] == {}
+
+
+def test_eval_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        evaluation.main(["--checkpoint", str(tmp_path / "missing.pt")])
+    with pytest.raises(ValueError, match="no checkpoint files"):
+        evaluation.main(["--checkpoint", str(tmp_path)])
+
+
+def test_eval_cli(tiny_checkpoints, tmp_path):
+    folder, paths = tiny_checkpoints
+    out = tmp_path / "cli.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(paths[1]), "--dataset",
+                           "digits", "--batch-size", "360", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())[0]["T"] == 3
