@@ -14,82 +14,78 @@ a smooth function whose autograd gradient equals ``derivative`` (checked by the 
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 
-class _Spike(torch.autograd.Function):
-    """Heaviside forward, ``derivative`` backward. Subclasses supply the two helpers."""
-
-    @staticmethod
-    def derivative(z: Tensor, width: float) -> Tensor:
-        raise NotImplementedError
-
-    @staticmethod
-    def primitive(z: Tensor, width: float) -> Tensor:
-        raise NotImplementedError
-
-    @staticmethod
-    def forward(z: Tensor, width: float) -> Tensor:
-        return (z > 0).to(z.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        z, width = inputs
-        ctx.save_for_backward(z)
-        ctx.width = width
-
-    @classmethod
-    def backward(cls, ctx, grad_out: Tensor):
-        (z,) = ctx.saved_tensors
-        return grad_out * cls.derivative(z, ctx.width), None
+def _rect(z: Tensor, width: float) -> Tensor:
+    return (z.abs() < 0.5 * width).to(z.dtype) / width
 
 
-class RectSpike(_Spike):
-    @staticmethod
-    def derivative(z: Tensor, width: float) -> Tensor:
-        return (z.abs() < 0.5 * width).to(z.dtype) / width
-
-    @staticmethod
-    def primitive(z: Tensor, width: float) -> Tensor:
-        # Piecewise linear; its gradient equals ``derivative`` everywhere except exactly at the two edges.
-        return (z / width + 0.5).clamp(0.0, 1.0)
+def _rect_primitive(z: Tensor, width: float) -> Tensor:
+    # Piecewise linear; its gradient equals the window everywhere except exactly on the two edges.
+    return (z / width + 0.5).clamp(0.0, 1.0)
 
 
-class SigmoidSpike(_Spike):
-    @staticmethod
-    def derivative(z: Tensor, width: float) -> Tensor:
-        s = torch.sigmoid(4.0 / width * z)
-        return 4.0 / width * s * (1.0 - s)
-
-    @staticmethod
-    def primitive(z: Tensor, width: float) -> Tensor:
-        return torch.sigmoid(4.0 / width * z)
+def _sigmoid(z: Tensor, width: float) -> Tensor:
+    s = torch.sigmoid(4.0 / width * z)
+    return 4.0 / width * s * (1.0 - s)
 
 
-class AtanSpike(_Spike):
-    @staticmethod
-    def derivative(z: Tensor, width: float) -> Tensor:
-        return 1.0 / (width * (1.0 + (math.pi / width * z) ** 2))
-
-    @staticmethod
-    def primitive(z: Tensor, width: float) -> Tensor:
-        return torch.atan(math.pi / width * z) / math.pi + 0.5
+def _sigmoid_primitive(z: Tensor, width: float) -> Tensor:
+    return torch.sigmoid(4.0 / width * z)
 
 
-class TriangleSpike(_Spike):
-    @staticmethod
-    def derivative(z: Tensor, width: float) -> Tensor:
-        return (1.0 - z.abs() / width).clamp(min=0.0) / width
-
-    @staticmethod
-    def primitive(z: Tensor, width: float) -> Tensor:
-        r = (z / width).clamp(-1.0, 1.0)
-        return 0.5 + r - 0.5 * r * r.abs()
+def _atan(z: Tensor, width: float) -> Tensor:
+    return 1.0 / (width * (1.0 + (math.pi / width * z) ** 2))
 
 
-SURROGATES: dict[str, type[_Spike]] = {
+def _atan_primitive(z: Tensor, width: float) -> Tensor:
+    return torch.atan(math.pi / width * z) / math.pi + 0.5
+
+
+def _triangle(z: Tensor, width: float) -> Tensor:
+    return (1.0 - z.abs() / width).clamp(min=0.0) / width
+
+
+def _triangle_primitive(z: Tensor, width: float) -> Tensor:
+    r = (z / width).clamp(-1.0, 1.0)
+    return 0.5 + r - 0.5 * r * r.abs()
+
+
+def _spike_function(name: str, derivative: Callable, primitive: Callable) -> type[torch.autograd.Function]:
+    """A Heaviside-forward Function whose backward is ``derivative``. Built by a factory (not by subclassing with a
+    classmethod backward) so that each backward is a plain staticmethod, which dynamo traces without breaks."""
+
+    class Spike(torch.autograd.Function):
+        @staticmethod
+        def forward(z: Tensor, width: float) -> Tensor:
+            return (z > 0).to(z.dtype)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            z, width = inputs
+            ctx.save_for_backward(z)
+            ctx.width = width
+
+        @staticmethod
+        def backward(ctx, grad_out: Tensor):
+            (z,) = ctx.saved_tensors
+            return grad_out * derivative(z, ctx.width), None
+
+    Spike.derivative, Spike.primitive = staticmethod(derivative), staticmethod(primitive)
+    Spike.__name__ = Spike.__qualname__ = name
+    return Spike
+
+
+RectSpike = _spike_function("RectSpike", _rect, _rect_primitive)
+SigmoidSpike = _spike_function("SigmoidSpike", _sigmoid, _sigmoid_primitive)
+AtanSpike = _spike_function("AtanSpike", _atan, _atan_primitive)
+TriangleSpike = _spike_function("TriangleSpike", _triangle, _triangle_primitive)
+
+SURROGATES: dict[str, type[torch.autograd.Function]] = {
     "rect": RectSpike,
     "sigmoid": SigmoidSpike,
     "atan": AtanSpike,
@@ -97,7 +93,7 @@ SURROGATES: dict[str, type[_Spike]] = {
 }
 
 
-def get_surrogate(name: str) -> type[_Spike]:
+def get_surrogate(name: str) -> type[torch.autograd.Function]:
     """The surrogate Function registered under ``name`` (one of ``SURROGATES``)."""
     if name not in SURROGATES:
         raise ValueError(f"unknown surrogate {name!r}; choose one of {sorted(SURROGATES)}")

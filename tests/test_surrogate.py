@@ -1,0 +1,80 @@
+"""Surrogate spikes: strict Heaviside forward, the reference rectangle's exact window, backward = primitive'."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import naive_glif
+
+from glif2 import GLIF, SURROGATES, spike
+from glif2.surrogate import get_surrogate
+
+
+def test_rect_window_edges_are_strict():
+    z = torch.tensor([-0.6, -0.5, -0.49, 0.0, 0.49, 0.5, 0.6], requires_grad=True)
+    out = spike(z)
+    out.sum().backward()
+    assert out.tolist() == [0, 0, 0, 0, 1, 1, 1]  # z = 0 gives no spike
+    assert z.grad.tolist() == [0, 0, 1, 1, 1, 0, 0]
+
+
+def test_rect_width_scales_window_and_height():
+    z = torch.tensor([-1.0, -0.99, 0.99, 1.0], requires_grad=True)
+    spike(z, "rect", 2.0).sum().backward()
+    assert z.grad.tolist() == [0, 0.5, 0.5, 0]
+
+
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+@given(z=st.lists(st.floats(-3, 3, allow_nan=False), min_size=1, max_size=20), width=st.sampled_from([0.5, 1.0, 2.0]))
+def test_backward_equals_gradient_of_primitive(name, z, width):
+    fn = get_surrogate(name)
+    z = torch.tensor(z, dtype=torch.float64)
+    if name == "rect":  # the primitive is not differentiable exactly on the two edges
+        z = z[(z.abs() - width / 2).abs() > 1e-9]
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    spike(a, name, width).sum().backward()
+    fn.primitive(b, width).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+def test_window_has_unit_area_and_primitive_spans_zero_to_one(name):
+    fn = get_surrogate(name)
+    z = torch.linspace(-200, 200, 4_000_001, dtype=torch.float64)
+    area = torch.trapezoid(fn.derivative(z, 0.7), z)
+    assert area.item() == pytest.approx(1.0, abs=2e-3)
+    assert fn.primitive(torch.tensor(-1e6, dtype=torch.float64), 0.7) == pytest.approx(0.0, abs=1e-6)
+    assert fn.primitive(torch.tensor(1e6, dtype=torch.float64), 0.7) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+def test_compiles_without_graph_breaks(name):
+    def f(z):
+        return spike(z * 2.0, name, 0.5) * 3.0
+
+    z = torch.randn(64)
+    explain = torch._dynamo.explain(f)(z)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
+    f(a).sum().backward()
+    torch.compile(f, fullgraph=True)(b).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "atan", "triangle"])
+def test_fused_glif_uses_the_chosen_surrogate(name):
+    torch.manual_seed(0)
+    m = GLIF(4, 3, surrogate=name, surrogate_width=0.8, eager=True).double()
+    x = (torch.randn(4, 2, 3, 5, dtype=torch.float64) * 0.6 + 0.3).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    m(x).sum().backward()
+    v = {k: torch.sigmoid(getattr(m, k)).detach()[:, None] for k in ("alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset")}
+    out, _ = naive_glif(xr, **v, conduct=torch.sigmoid(m.conduct).detach()[..., None],
+                        spike=lambda z: spike(z, name, 0.8))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_unknown_surrogate():
+    with pytest.raises(ValueError, match="unknown surrogate 'erf'"):
+        spike(torch.zeros(1), "erf")
