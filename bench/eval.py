@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluation  # noqa: E402
-
-import glif2  # noqa: E402
-from glif2.compile import COMPILE_MODES, compile_model  # noqa: E402
+import eval as evaluation
+import glif2
+from glif2.compile import COMPILE_MODES, compile_model
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -333,14 +333,14 @@ def infer_from_shapes(sd: dict[str, Tensor]) -> dict[str, Any]:
     if "out.weight" in sd and "conv.0.0.0.weight" in sd:  # CIFAR10-DVS 7B-wideNet
         found.update(arch="sew7b_wide", num_classes=int(sd["out.weight"].shape[0]))
         options["in_channels"] = int(sd["conv.0.0.0.weight"].shape[1])
-        options["input_size"] = int(round(16 * (sd["out.weight"].shape[1] / 128) ** 0.5))
+        options["input_size"] = round(16 * (sd["out.weight"].shape[1] / 128) ** 0.5)
         alpha = next((v for k, v in sd.items() if k.endswith(".alpha")), None)
         if alpha is not None:
             options["gate_dtype"] = "float64" if alpha.dtype == torch.float64 else "float32"
     elif "classifier.2.weight" in sd and "features.0.0.weight" in sd:  # CIFARNet
         found.update(arch="cifarnet", num_classes=int(sd["classifier.2.weight"].shape[0]))
         options["in_channels"] = int(sd["features.0.0.weight"].shape[1])
-        options["input_size"] = int(round(4 * (sd["classifier.0.weight"].shape[1] / 512) ** 0.5))
+        options["input_size"] = round(4 * (sd["classifier.0.weight"].shape[1] / 512) ** 0.5)
     elif "conv1.0.0.weight" in sd:  # the ResNets
         stem = sd["conv1.0.0.weight"]
         blocks = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"features\.(\d+)\.", k))), default=-1)

@@ -60,7 +60,7 @@ def resnet_layout(arch, K, T, *, td=True, channel_wise=True, variant="glif", two
     if two_linear is None:
         two_linear = K <= 50 and arch != "resnet34"
     d = OrderedDict()
-    g = dict(T=T, channel_wise=channel_wise, variant=variant)
+    g = {"T": T, "channel_wise": channel_wise, "variant": variant}
     conv(d, "conv1.0.0", stem_c, 3, stem_k)
     bn(d, "conv1.0.1", stem_c, td=td)
     glif(d, "conv1.1", stem_c, **g)

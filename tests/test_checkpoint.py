@@ -227,7 +227,7 @@ def test_wrapped_model_saves_clean_keys(tmp_path):
 
 
 def test_crash_between_write_and_rename_keeps_old_file(tmp_path, monkeypatch):
-    model, opt, x = _trained_small()
+    model, _, _ = _trained_small()
     path = glif2.save_checkpoint(tmp_path / "ckpt.pt", model=model, epoch=1)
 
     def crash(src, dst):

@@ -116,7 +116,7 @@ class FiringRates:
 
         return hook
 
-    def __enter__(self) -> "FiringRates":
+    def __enter__(self):
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in glif_layers(self.model)]
         return self
 
@@ -138,7 +138,7 @@ def firing_rates(model: nn.Module, x: Tensor) -> dict[str, float]:
     return fr.rates()
 
 
-from glif2.models import resnet, sew  # noqa: E402  (importing them registers the entrypoints)
+from glif2.models import resnet, sew
 
 __all__ = [
     "FiringRates",

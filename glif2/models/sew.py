@@ -23,7 +23,7 @@ from glif2.models import neuron_factory, register_model
 from glif2.models.resnet import norm_factory
 
 CONNECTS = ("ADD", "AND", "IAND")
-DVS_NEURON = dict(tau=0.5, v_th=0.99999, leak=0.0312497, v_reset=0.99999, conduct=0.9)
+DVS_NEURON = {"tau": 0.5, "v_th": 0.99999, "leak": 0.0312497, "v_reset": 0.99999, "conduct": 0.9}
 
 Neuron = Callable[[int], nn.Module]
 
