@@ -227,11 +227,10 @@ def _check_and_load(model: nn.Module, state_dict: dict[str, Tensor], what: str, 
 def guess_dataset(model_config: dict[str, Any], config: dict[str, Any] | None = None) -> str | None:
     """The dataset a checkpoint was trained on: from the train config when it says, else from the model."""
     config = config or {}
-    for holder in (config, config.get("data") if isinstance(config.get("data"), dict) else {}):
-        for key in ("dataset", "name"):
-            value = holder.get(key)
-            if isinstance(value, str) and value in ("cifar10", "cifar100", "imagenet", "cifar10dvs", "digits"):
-                return value
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    for value in (config.get("dataset"), data.get("dataset"), data.get("name")):
+        if isinstance(value, str) and value in ("cifar10", "cifar100", "imagenet", "cifar10dvs", "digits"):
+            return value
     name, k = model_config.get("name"), model_config.get("num_classes")
     if name == "sew7b_wide":
         return "cifar10dvs"
