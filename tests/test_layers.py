@@ -69,3 +69,17 @@ def test_time_merged_equals_per_step_layers():
 def test_merge_rejects_wrong_rank():
     with pytest.raises(ValueError, match="time-first"):
         merge_time(torch.zeros(2, 3, 4, 5))
+
+
+def test_tdbn_eval_is_bitwise_the_reference_order_in_float32():
+    # Released checkpoints must give identical float32 activations: a one-ulp change can flip a spike downstream.
+    torch.manual_seed(3)
+    bn = tdBatchNorm(6, alpha=1 / math.sqrt(2))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.2)
+        bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    x = torch.randn(16, 6, 5, 5)
+    c = (None, slice(None), None, None)
+    ref = bn.alpha * torch.tensor(0.5) * (x - bn.running_mean[c]) / torch.sqrt(bn.running_var[c] + bn.eps)
+    assert torch.equal(bn(x), ref * bn.weight[c] + bn.bias[c])
