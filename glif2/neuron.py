@@ -353,7 +353,10 @@ class GLIF(nn.Module):
         # The kernels see t b c n: channels on dim 2 (one "channel" for the layer-wise neuron), the rest flat.
         pattern = "t b c ... -> t b c (...)" if self.channels is not None else "t b ... -> t b 1 (...)"
         flat = rearrange(x, pattern)
-        spikes = GLIFFunction.apply(flat, self.surrogate, self.surrogate_width, self.eager, *self.coefficients())
+        args = (flat, self.surrogate, self.surrogate_width, self.eager, *self.coefficients())
+        # Without grad nothing is saved for backward, so the forward runs directly; this also sidesteps dynamo
+        # (torch 2.14), which under no_grad passes a ctx to a setup_context-style forward and so shifts every argument.
+        spikes = GLIFFunction.apply(*args) if torch.is_grad_enabled() else GLIFFunction.forward(*args)
         return spikes.reshape(x.shape)  # t b c n -> x's own `t b c ...` (a view)
 
 
