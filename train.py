@@ -137,13 +137,13 @@ def neuron_record(model: nn.Module, epoch: int, step: int) -> dict[str, Any]:
 class Logger:
     """Rank 0's outputs: the JSONL files and TensorBoard (other ranks get a logger that writes nothing)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
-        self.params = open(run_dir / "glif_params.jsonl", "a")
+        self.metrics = self._open(run_dir / "metrics.jsonl", resume_step)
+        self.params = self._open(run_dir / "glif_params.jsonl", resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -151,6 +151,16 @@ class Logger:
                 print("tensorboard is not installed (pip install 'glif2[train]'): no TensorBoard scalars", flush=True)
             else:
                 self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    @staticmethod
+    def _open(path: Path, resume_step: int | None):
+        """A fresh run starts the file anew; a resumed one keeps the records up to the checkpoint's step (those
+        written after it, before the interruption, are replayed by this run)."""
+        if resume_step is None or not path.exists():
+            return open(path, "w")
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        return open(path, "a")
 
     def log(self, record: dict[str, Any], scalars: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -268,12 +278,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         epoch, step, best_acc = ckpt["epoch"], ckpt["step"], ckpt["best_acc"]
         test_acc = ckpt.get("test_acc", float("nan"))
         set_rng_state(ckpt["rng"])
+        if cudagraphs:  # a checkpoint written without CUDA graphs holds float learning rates
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
         dist.print0(f"resumed {resume_path}: epoch {epoch}, step {step}, best top-1 {best_acc:.2f}")
     skip = step - epoch * steps_per_epoch  # batches of a partly done epoch (a mid-epoch resume)
     if not 0 <= skip <= steps_per_epoch:
         raise ValueError(f"checkpoint step {step} does not fit epoch {epoch} with {steps_per_epoch} steps per epoch")
 
-    logger = Logger(run_dir, rank0, cfg.tensorboard)
+    logger = Logger(run_dir, rank0, cfg.tensorboard, None if ckpt is None else step)
+    if rank0 and ckpt is None and (run_dir / "last.pt").exists():
+        dist.print0(f"starting afresh in {run_dir}: its checkpoints will be replaced (--resume auto continues them)")
     if rank0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if ckpt is None:

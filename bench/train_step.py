@@ -146,7 +146,7 @@ def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, and cuda if present)")
+    parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, cuda if present)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch (default: 4 on CPU, 64 on CUDA)")
     parser.add_argument("--T", type=int, default=4, help="time steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")

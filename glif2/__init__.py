@@ -8,6 +8,7 @@ from glif2.checkpoint import (
     load_reference_checkpoint,
     save_checkpoint,
 )
+from glif2.config import PRESETS, TrainConfig
 from glif2.layers import TimeMerged, merge_time, split_time, tdBatchNorm
 from glif2.neuron import GLIF, GLIFCoeffs, GLIFFunction, GLIFState, glif_step, randomize_gates
 from glif2.models import FiringRates, create_model, firing_rates, list_models, register_model
@@ -29,8 +30,10 @@ __all__ = [
     "GLIFCoeffs",
     "GLIFFunction",
     "GLIFState",
+    "PRESETS",
     "SURROGATES",
     "TimeMerged",
+    "TrainConfig",
     "glif_step",
     "merge_time",
     "randomize_gates",

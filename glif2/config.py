@@ -194,11 +194,11 @@ PRESETS["imagenet-resnet18ms-t6"] = dict(dataset="imagenet", model="resnet18ms",
                                          tunable_lif=True, gate_lr_divisor=1.0, scheduler="soft-cosine",
                                          bn="plain", sync_bn=True, seed=9)
 # cifar10dvs/train.py --dsr_da -amp -model SEWResNet_GLIF_dsr -cnf ADD -epochs 200 -T_max 64 -T 16 -lr 0.01 -b 32:
-# one SGD group over everything, no weight decay, PyTorch cosine with T_max 64 (periodic over 200 epochs). The
+# one SGD group over everything, no weight decay, PyTorch cosine with T_max 64 (periodic over 200 epochs), plain BN. The
 # model draws its float64 gates from U(-0.1, 0.1) itself.
 PRESETS["cifar10dvs-sew7b-t16"] = dict(dataset="cifar10dvs", model="sew7b_wide", T=16, epochs=200, batch_size=32,
                                        lr=0.01, weight_decay=0.0, param_groups="single", tunable_lif=False,
-                                       scheduler="cosine", t_max=64, amp=True, bn="td", seed=9)
+                                       scheduler="cosine", t_max=64, amp=True, bn="plain", seed=9)
 DEFAULT_PRESET = "digits"
 
 
