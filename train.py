@@ -391,7 +391,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             lr = float(optimizer.param_groups[0]["lr"])
             scheduler.step()
             epoch += 1
-            is_best = test_acc > best_acc
+            is_best = test_acc > best_acc or not (run_dir / "best.pt").exists()  # the first epoch always writes one
             best_acc = max(best_acc, test_acc)
             e_loss, e_correct, e_n = dist.all_reduce_sum(sums.clone()).tolist()
             record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": e_loss / max(e_n, 1),
