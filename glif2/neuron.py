@@ -133,7 +133,8 @@ def glif_backward(
 def _rows(p: GLIFCoeffs, b: int) -> GLIFCoeffs:
     """`c 1` coefficients -> one per row of `(b c) n`. The kernels index every operand by row alone, which keeps
     inductor's backward in a single loop nest (per-channel operands made it split the nest and spill temporaries)."""
-    return GLIFCoeffs(*(repeat(v, "c 1 -> (b c) 1", b=b) for v in p[:5]), gain=repeat(p.gain, "t c 1 -> t (b c) 1", b=b))
+    rows = (repeat(v, "c 1 -> (b c) 1", b=b) for v in p[:5])
+    return GLIFCoeffs(*rows, gain=repeat(p.gain, "t c 1 -> t (b c) 1", b=b))
 
 
 def fused_forward(x: Tensor, p: GLIFCoeffs) -> Tensor:

@@ -154,7 +154,8 @@ def test_one_step_is_affine_in_each_gate(gate):
     m = perturbed(GLIF(T, 5, eager=True), seed=7).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
-    state = GLIFState(torch.randn(2, 5, 6, generator=g, dtype=torch.float64), (torch.rand(2, 5, 6, generator=g) > 0.5).double())
+    u_prev = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    state = GLIFState(u_prev, (torch.rand(2, 5, 6, generator=g) > 0.5).double())
 
     def step(logit):
         with torch.no_grad():
@@ -212,12 +213,14 @@ def test_worked_vectors(name, build, x, u, spikes):
 
 def test_default_init_values():
     cw, lw, f = GLIF(6, 8), GLIF(6), GLIF(6, 8, variant="glif_f")
+    expected = {"alpha": 0.55, "beta": 0.65, "gamma": 0.55, "tau": 0.25, "v_th": 0.5, "leak": 0.0625, "v_reset": 0.5}
     for m in (cw, lw):
         v = m.values()
-        for name, value in dict(alpha=0.55, beta=0.65, gamma=0.55, tau=0.25, v_th=0.5, leak=0.0625, v_reset=0.5).items():
+        for name, value in expected.items():
             torch.testing.assert_close(v[name], torch.full_like(v[name], value))
     assert cw.conduct.shape == (6, 8) and lw.conduct.shape == (6,) and lw.alpha.shape == ()
-    assert [n for n, _ in cw.named_parameters()] == ["alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset", "conduct"]
+    names = ["alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset", "conduct"]
+    assert [n for n, _ in cw.named_parameters()] == names
     assert [n for n, _ in f.named_parameters()] == ["gamma", "tau", "v_th", "leak", "v_reset", "conduct"]
     torch.testing.assert_close(cw.alpha, torch.full((8,), 0.2006707))  # logit(0.25 + 0.6 / 2), GLIF.md §2.1
     assert torch.sigmoid(GLIF(2, 1, gate=(1.0, 1.0, 1.0)).alpha).item() == pytest.approx(0.75)

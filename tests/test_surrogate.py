@@ -68,7 +68,8 @@ def test_fused_glif_uses_the_chosen_surrogate(name):
     x = (torch.randn(4, 2, 3, 5, dtype=torch.float64) * 0.6 + 0.3).requires_grad_()
     xr = x.detach().clone().requires_grad_()
     m(x).sum().backward()
-    v = {k: torch.sigmoid(getattr(m, k)).detach()[:, None] for k in ("alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset")}
+    names = ("alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset")
+    v = {k: torch.sigmoid(getattr(m, k)).detach()[:, None] for k in names}
     out, _ = naive_glif(xr, **v, conduct=torch.sigmoid(m.conduct).detach()[..., None],
                         spike=lambda z: spike(z, name, 0.8))
     out.sum().backward()
