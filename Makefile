@@ -18,6 +18,7 @@ demo: $(VENV)/.installed
 	$(PY) train.py
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(VENV)/.installed

@@ -7,21 +7,19 @@
 Shape letters: b batch, c channels, h w space.
 
 The data are random `b 3 32 32` tensors made up front (no dataset files needed), so the figure is the model's
-eval throughput through eval.evaluate (forward, metrics, firing-rate hooks). The first batch (kernel compilation)
+eval throughput through glif2.train.evaluation.evaluate_model (forward, metrics, firing-rate
+hooks). The first batch (kernel compilation)
 is timed apart and left out of images/s.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluation
 import glif2
 from glif2.compile import COMPILE_MODES, compile_model
+from glif2.train.evaluation import evaluate_model
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
         b = min(args.batch_size, args.num_images - start)
         batches.append((torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)))
     t0 = time.perf_counter()
-    res = evaluation.evaluate(model, batches, device, desc=f"{args.model} T={args.T}")
+    res = evaluate_model(model, batches, device, desc=f"{args.model} T={args.T}")
     wall = time.perf_counter() - t0
     warmup = wall - (res["num_samples"] - args.batch_size) / res["images_per_s"] if len(batches) > 1 else wall
     print(

@@ -11,7 +11,7 @@ measured apart (first call) and excluded. "fwd" is a forward with a grad-requiri
 "fwd+bwd" is `neuron(x).sum().backward()`, the step the figures in the issue refer to. "saved" counts the bytes
 that autograd keeps for backward beyond the input, in units of one activation-sized tensor per time step.
 On CUDA the fwd+bwd time is also expressed as bandwidth, counting the minimum traffic of 7 element-sized reads
-or writes per element-step (PEERS.md §2), against a measured device-to-device copy.
+or writes per element-step (docs/performance.md §3.1), against a measured device-to-device copy.
 """
 
 import argparse

@@ -32,9 +32,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 CANDIDATES = ("glif2 compiled", "glif2 fused", "glif2 eager", "SJ GatedLIFNode")
 
 
@@ -63,13 +60,14 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def with_spikingjelly(model: nn.Module, T: int) -> tuple[nn.Module, nn.Module]:
-    """Replaces every GLIF by GatedLIFNode(T, inplane=C); returns (model, the modules reset_net must reset)."""
+def with_spikingjelly(model: nn.Module, T: int) -> nn.Module:
+    """Replaces every GLIF by GatedLIFNode(T, inplane=C) (rectangle surrogate of width 1, like the reference);
+    returns the model."""
     from spikingjelly.activation_based import neuron, surrogate
 
     from glif2.neuron import GLIF
 
-    for name, m in list(model.named_modules()):
+    for m in list(model.modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, GLIF):
                 setattr(m, child_name, neuron.GatedLIFNode(T, inplane=child.channels,
@@ -78,9 +76,9 @@ def with_spikingjelly(model: nn.Module, T: int) -> tuple[nn.Module, nn.Module]:
 
 
 def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps: int) -> dict:
-    import train  # the Objective module train.py compiles
     from glif2 import create_model
     from glif2.compile import compile_model
+    from glif2.train.loop import Objective
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -93,7 +91,7 @@ def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps
         reset = functional.reset_net
     model.to(dev)
     mode = ("reduce-overhead" if dev.type == "cuda" else "default") if name == "glif2 compiled" else "none"
-    objective = compile_model(train.Objective(model, 0.0, None), mode)
+    objective = compile_model(Objective(model, 0.0, None), mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)

@@ -1,42 +1,41 @@
-"""glif2: the GLIF spiking neuron, fused by torch.compile, with the paper's networks, data and training."""
+"""glif2: the GLIF spiking neuron, fused by torch.compile, with the paper's networks and their released checkpoints.
 
-from glif2.checkpoint import (
-    CheckpointError,
-    clean_state_dict,
-    load_checkpoint,
-    load_model,
-    load_reference_checkpoint,
-    save_checkpoint,
-)
-from glif2.config import PRESETS, TrainConfig
+This is the library's public API. Importing it changes no global torch setting (glif2.compile applies what compiled
+GLIF code needs where it compiles). The training application lives in glif2.train.
+"""
+
+from glif2.analysis import FiringRates, firing_rates, glif_layers
+from glif2.checkpoint import load_checkpoint, load_model, load_reference_checkpoint, save_checkpoint
+from glif2.errors import CheckpointError, ConfigError
 from glif2.layers import TimeMerged, merge_time, split_time, tdBatchNorm
+from glif2.models import create_model, list_models, register_model
 from glif2.neuron import GLIF, GLIFCoeffs, GLIFFunction, GLIFState, glif_step, randomize_gates
-from glif2.models import FiringRates, create_model, firing_rates, list_models, register_model
+from glif2.released import clean_state_dict
 from glif2.surrogate import SURROGATES, spike
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
     "FiringRates",
-    "clean_state_dict",
-    "create_model",
-    "firing_rates",
-    "list_models",
-    "load_checkpoint",
-    "load_model",
-    "load_reference_checkpoint",
-    "register_model",
-    "save_checkpoint",
     "GLIF",
     "GLIFCoeffs",
     "GLIFFunction",
     "GLIFState",
-    "PRESETS",
     "SURROGATES",
     "TimeMerged",
-    "TrainConfig",
+    "clean_state_dict",
+    "create_model",
+    "firing_rates",
+    "glif_layers",
     "glif_step",
+    "list_models",
+    "load_checkpoint",
+    "load_model",
+    "load_reference_checkpoint",
     "merge_time",
     "randomize_gates",
+    "register_model",
+    "save_checkpoint",
     "spike",
     "split_time",
     "tdBatchNorm",

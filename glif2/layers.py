@@ -1,4 +1,5 @@
-"""Time-merged stateless layers and threshold-dependent BatchNorm (tdBN).
+"""Time-merged stateless layers, threshold-dependent BatchNorm (tdBN), and the neuron / norm factories the networks
+are built from.
 
 Shape letters: t steps, b batch, c channels, h w space.
 
@@ -6,10 +7,16 @@ Stateless layers (conv, BN, pooling, linear) see every step at once on the time-
 that is also why tdBN's statistics are taken jointly over time, batch and space.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from glif2.neuron import GLIF, rename_deprecated
+
+BN_KINDS = ("td", "plain")
 
 # Merge and split patterns by the rank of the time-first tensor.
 _MERGE = {5: ("t b c h w -> (t b) c h w", "(t b) c h w -> t b c h w"), 3: ("t b c -> (t b) c", "(t b) c -> t b c")}
@@ -46,7 +53,7 @@ class tdBatchNorm(nn.BatchNorm2d):
     y = alpha * v_th * (x - mean) / sqrt(var + eps) * weight + bias, with mean and var per channel over
     `(t b) h w`: an ordinary BN whose affine weight is pre-scaled by alpha * v_th. ``alpha`` is a plain attribute
     (not saved, as in the reference: 1 or 1/sqrt(2) by position); ``v_th`` is a saved buffer holding the fixed
-    threshold constant (0.5), not the neuron's learnable threshold (GLIF.md §7, Q11).
+    threshold constant (0.5), not the neuron's learnable threshold (docs/neuron.md §6, §9 Q11).
     """
 
     def __init__(
@@ -95,3 +102,29 @@ class tdBatchNorm(nn.BatchNorm2d):
             momentum,
             self.eps,
         )
+
+
+# factories
+
+
+def neuron_factory(T: int, channel_wise: bool = True, **glif_options) -> Callable[[int], GLIF]:
+    """Returns `make(channels) -> GLIF` with the shared options; channel_wise=False gives layer-wise neurons.
+    The options are validated once, here, before any network is built."""
+    glif_options = rename_deprecated(glif_options)
+    if "gate_init" in glif_options:
+        glif_options["gate_init"] = tuple(glif_options["gate_init"])
+    GLIF(T, 1 if channel_wise else None, **glif_options)
+
+    def make(channels: int) -> GLIF:
+        return GLIF(T, channels if channel_wise else None, **glif_options)
+
+    return make
+
+
+def norm_factory(bn: str) -> Callable[..., nn.Module]:
+    """`norm(c, alpha=1.0)`: tdBN (alpha * v_th scaled) or plain BatchNorm2d (the released ImageNet model)."""
+    if bn == "td":
+        return lambda c, alpha=1.0: tdBatchNorm(c, alpha=alpha)
+    if bn == "plain":
+        return lambda c, alpha=1.0: nn.BatchNorm2d(c)
+    raise ValueError(f"bn={bn!r}; choose one of {BN_KINDS}")

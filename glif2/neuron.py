@@ -2,7 +2,7 @@
 
 Shape letters: t steps, b batch, c channels, n the flattened trailing (spatial) dims, r = (b c) rows.
 
-Per step, with u_{-1} = 0 and o_{-1} = 0 (GLIF.md §3):
+Per step, with u_{-1} = 0 and o_{-1} = 0 (docs/neuron.md §2):
 
     I_t = x_t * (1 - beta * (1 - c_t))
     u_t = (1 - alpha * (1 - tau)) * u_{t-1} * (1 - gamma * o_{t-1}) - (1 - alpha) * leak + I_t
@@ -15,17 +15,21 @@ GLIF_f (the "coarsely fused" ablation) sums every feature without gates:
 
 Both are one recursion over per-channel coefficients, which is what the fused kernels run:
 
-    u_t = decay * u_{t-1} * (1 - hard * o_{t-1}) - drift + gain_t * x_t - soft * o_{t-1}
+    u_t = decay * u_{t-1} * (1 - reset_mul * o_{t-1}) - drift + gain_t * x_t - reset_sub * o_{t-1}
 
-    GLIF:   decay = 1 - alpha (1 - tau), hard = gamma, drift = (1 - alpha) leak, soft = (1 - gamma) v_reset,
-            gain_t = 1 - beta (1 - c_t)
-    GLIF_f: decay = tau, hard = 1, drift = leak, soft = v_reset, gain_t = c_t
+    GLIF:   decay = 1 - alpha (1 - tau), reset_mul = gamma, drift = (1 - alpha) leak,
+            reset_sub = (1 - gamma) v_reset, gain_t = 1 - beta (1 - c_t)
+    GLIF_f: decay = tau, reset_mul = 1, drift = leak, reset_sub = v_reset, gain_t = c_t
+
+reset_mul is the share of the previous potential a spike clears (the hard-reset part), reset_sub what a spike
+subtracts (the soft-reset part); docs/neuron.md §2.3.
 
 The coefficients are computed once per call from the sigmoid of the stored logits (a few tiny ops); their
 gradients flow back to the logits through ordinary autograd, so hard (straight-through) and static (detached)
 gates need nothing from the kernels. The reset terms are not detached (as in the reference).
 """
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -37,6 +41,7 @@ from glif2.surrogate import get_surrogate
 
 VARIANTS = ("glif", "glif_f")
 GATE_MODES = ("soft", "hard", "static_soft", "static_hard")
+PARAM_MODES = ("learned", "static")
 
 
 class GLIFState(NamedTuple):
@@ -48,23 +53,23 @@ class GLIFCoeffs(NamedTuple):
     """Per-channel coefficients of the recursion; every field is `c 1` except gain (`t c 1`)."""
 
     decay: Tensor
-    hard: Tensor
+    reset_mul: Tensor
     drift: Tensor
-    soft: Tensor
+    reset_sub: Tensor
     v_th: Tensor
     gain: Tensor
 
 
 def glif_step(x_t: Tensor, gain_t: Tensor, state: GLIFState, p: GLIFCoeffs) -> tuple[Tensor, GLIFState]:
     """One time step. x_t: r n (compute dtype), every coefficient broadcastable to it. Returns (spike, state)."""
-    u = p.decay * state.u * (1.0 - p.hard * state.o) - p.drift + gain_t * x_t - p.soft * state.o
+    u = p.decay * state.u * (1.0 - p.reset_mul * state.o) - p.drift + gain_t * x_t - p.reset_sub * state.o
     o = (u > p.v_th).to(u.dtype)
     return o, GLIFState(u, o)
 
 
 def _compute_dtype(x: Tensor, p: GLIFCoeffs) -> torch.dtype:
     # The membrane is accumulated in at least float32 (bf16/fp16 inputs), and in float64 when the neuron's
-    # parameters are float64 (the released CIFAR10-DVS gates, GLIF.md Q13).
+    # parameters are float64 (the released CIFAR10-DVS gates, docs/neuron.md §9 Q13).
     return torch.promote_types(torch.promote_types(x.dtype, p.decay.dtype), torch.float32)
 
 
@@ -85,8 +90,8 @@ def glif_backward(
 ) -> tuple[Tensor, GLIFCoeffs]:
     """Hand-derived BPTT over x: t r n. Recomputes u from x (nothing else is saved), then runs backwards in time.
 
-    With h_t = 1 - hard * o_{t-1} and sg_t = surrogate'(u_t - v_th):
-        dL/do_t = g_t - du_{t+1} * (decay * hard * u_t + soft)
+    With h_t = 1 - reset_mul * o_{t-1} and sg_t = surrogate'(u_t - v_th):
+        dL/do_t = g_t - du_{t+1} * (decay * reset_mul * u_t + reset_sub)
         du_t    = dL/do_t * sg_t + du_{t+1} * decay * h_{t+1}
     and each coefficient's gradient follows from u_t's dependence on it. Returns dL/dx (t r n, x's dtype) and the
     coefficient gradients summed over n only (`r 1`, gain `t r 1`).
@@ -102,7 +107,7 @@ def glif_backward(
         us.append(state.u)
         os_.append(state.o)
 
-    d_decay = d_hard = d_drift = d_soft = d_vth = zero
+    d_decay = d_mul = d_drift = d_sub = d_vth = zero
     d_gain, d_x = [], []
     du_next = zero
     for t in reversed(range(steps)):
@@ -110,13 +115,13 @@ def glif_backward(
         u_prev, o_prev = (us[t - 1], os_[t - 1]) if t > 0 else (zero, zero)
         d_o = grad_out[t].to(dtype)
         if t < steps - 1:
-            d_o = d_o - du_next * (p.decay * p.hard * u + p.soft)
+            d_o = d_o - du_next * (p.decay * p.reset_mul * u + p.reset_sub)
         d_fire = d_o * derivative(u - p.v_th, width)
-        du = d_fire if t == steps - 1 else d_fire + du_next * p.decay * (1.0 - p.hard * o)
-        d_decay = d_decay + du * u_prev * (1.0 - p.hard * o_prev)
-        d_hard = d_hard - du * p.decay * u_prev * o_prev
+        du = d_fire if t == steps - 1 else d_fire + du_next * p.decay * (1.0 - p.reset_mul * o)
+        d_decay = d_decay + du * u_prev * (1.0 - p.reset_mul * o_prev)
+        d_mul = d_mul - du * p.decay * u_prev * o_prev
         d_drift = d_drift - du
-        d_soft = d_soft - du * o_prev
+        d_sub = d_sub - du * o_prev
         d_vth = d_vth - d_fire
         d_gain.append((du * x[t].to(dtype)).sum(-1, keepdim=True))
         d_x.append((du * p.gain[t]).to(x.dtype))
@@ -125,7 +130,7 @@ def glif_backward(
     def over_n(g: Tensor) -> Tensor:
         return g.sum(-1, keepdim=True)
 
-    grads = GLIFCoeffs(over_n(d_decay), over_n(d_hard), over_n(d_drift), over_n(d_soft), over_n(d_vth),
+    grads = GLIFCoeffs(over_n(d_decay), over_n(d_mul), over_n(d_drift), over_n(d_sub), over_n(d_vth),
                        torch.stack(d_gain[::-1]))
     return torch.stack(d_x[::-1]), grads
 
@@ -153,7 +158,7 @@ def fused_backward(
         rearrange(grad_out, "t b c n -> t (b c) n"), rearrange(x, "t b c n -> t (b c) n"), _rows(p, b), surrogate, width
     )
     grads = GLIFCoeffs(
-        *(reduce(v, "(b c) 1 -> c 1", "sum", b=b).to(v_p.dtype) for v, v_p in zip(g[:5], p[:5])),
+        *(reduce(v, "(b c) 1 -> c 1", "sum", b=b).to(v_p.dtype) for v, v_p in zip(g[:5], p[:5], strict=True)),
         gain=reduce(g.gain, "t (b c) 1 -> t c 1", "sum", b=b).to(p.gain.dtype),
     )
     return rearrange(d_x, "t (b c) n -> t b c n", b=b), grads
@@ -219,10 +224,12 @@ class GLIF(nn.Module):
         channels: None for the layer-wise neuron (scalar parameters, conduct `t`), or C for the channel-wise
             neuron (parameters `c`, conduct `t c`; the input's dim 2 must equal C).
         variant: "glif" (gated) or "glif_f" (the gate-free GLIF_f ablation).
-        gates: "soft" (sigmoid gates), "hard" (binary forward, straight-through backward), "static_soft" or
-            "static_hard" (the same, detached: not learned).
-        gate: initial (alpha, beta, gamma) gate values g in (-0.5, 1.5), squashed as in the paper's code to
+        gate_mode: "soft" (sigmoid gates), "hard" (binary forward, straight-through backward), "static_soft" or
+            "static_hard" (the same, fixed: not learned).
+        gate_init: initial (alpha, beta, gamma) gate values g in (-0.5, 1.5), squashed as in the paper's code to
             sigmoid(logit) = 0.25 + g / 2 (so the defaults start at 0.55, 0.65, 0.55).
+        params: "learned", or "static": tau, v_th, leak, v_reset and conduct keep their initial values (the
+            authors' --static-param; with static gates this is the plain LIF baseline, docs/neuron.md §3.3).
         tau, v_th, leak, v_reset, conduct: initial values in (0, 1) of the decay factor, threshold, linear leak,
             soft-reset amount and conductance.
         surrogate: "rect" (the reference window |u - v_th| < 0.5), "sigmoid", "atan" or "triangle".
@@ -230,9 +237,13 @@ class GLIF(nn.Module):
         eager: run the same forward/backward uncompiled (for debugging).
 
     Parameters are stored as logits under the names alpha, beta, gamma, tau, v_th, leak, v_reset, conduct.
-    GLIF_f has no alpha/beta but keeps an unused gamma so that the reference's GLIF_f checkpoints load strictly.
-    The layer-wise neuron stores +logit for its gates like the channel-wise one; the reference stores -logit
-    there (GLIF.md Q3), which only changes its initial values; loaded logits mean the same in both.
+    Quantities that are never learned (static gates or parameters, GLIF_f's gamma) stay parameters, so checkpoints
+    keep one layout, but with requires_grad=False: optimizers and DDP see nothing to update. GLIF_f has no
+    alpha/beta but keeps an unused gamma so that the reference's GLIF_f checkpoints load strictly. The layer-wise
+    neuron stores +logit for its gates like the channel-wise one; the reference stores -logit there
+    (docs/neuron.md §9 Q3), which only changes its initial values; loaded logits mean the same in both.
+
+    `gates=` and `gate=` are deprecated aliases of `gate_mode=` and `gate_init=` (removed in the next release).
 
     Input x: `t b c ...` (any trailing dims: `t b c h w` after a conv, `t b c` after a linear layer), float.
     Output: spikes in {0, 1}, same shape and dtype.
@@ -244,8 +255,9 @@ class GLIF(nn.Module):
         channels: int | None = None,
         *,
         variant: str = "glif",
-        gates: str = "soft",
-        gate: tuple[float, float, float] = (0.6, 0.8, 0.6),
+        gate_mode: str = "soft",
+        gate_init: tuple[float, float, float] = (0.6, 0.8, 0.6),
+        params: str = "learned",
         tau: float = 0.25,
         v_th: float = 0.5,
         leak: float = 0.0625,
@@ -254,83 +266,101 @@ class GLIF(nn.Module):
         surrogate: str = "rect",
         surrogate_width: float = 1.0,
         eager: bool = False,
+        **deprecated,
     ):
         super().__init__()
+        renamed = rename_deprecated(deprecated)
+        unknown = set(renamed) - {"gate_mode", "gate_init"}
+        if unknown:
+            raise TypeError(f"GLIF got unexpected keyword arguments {sorted(unknown)}")
+        gate_mode, gate_init = renamed.get("gate_mode", gate_mode), tuple(renamed.get("gate_init", gate_init))
         if not isinstance(T, int) or T < 1:
             raise ValueError(f"T={T!r} must be a positive int")
         if channels is not None and (not isinstance(channels, int) or channels < 1):
             raise ValueError(f"channels={channels!r} must be None (layer-wise) or a positive int (channel-wise)")
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r}; choose one of {VARIANTS}")
-        if gates not in GATE_MODES:
-            raise ValueError(f"gates={gates!r}; choose one of {GATE_MODES}")
-        if len(gate) != 3 or not all(-0.5 < g < 1.5 for g in gate):
-            raise ValueError(f"gate={gate!r} must be three values in (-0.5, 1.5) for (alpha, beta, gamma)")
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode={gate_mode!r}; choose one of {GATE_MODES}")
+        if params not in PARAM_MODES:
+            raise ValueError(f"params={params!r}; choose one of {PARAM_MODES}")
+        if len(gate_init) != 3 or not all(-0.5 < g < 1.5 for g in gate_init):
+            raise ValueError(f"gate_init={gate_init!r} must be three values in (-0.5, 1.5) for (alpha, beta, gamma)")
         for name, value in dict(tau=tau, v_th=v_th, leak=leak, v_reset=v_reset, conduct=conduct).items():
             _check_open_unit(name, value)
         get_surrogate(surrogate)
-        if surrogate_width <= 0:
+        if not surrogate_width > 0:
             raise ValueError(f"surrogate_width={surrogate_width} must be positive")
 
-        self.T, self.channels, self.variant, self.gates = T, channels, variant, gates
+        self.T, self.channels, self.variant, self.gate_mode, self.params = T, channels, variant, gate_mode, params
         self.surrogate, self.surrogate_width, self.eager = surrogate, float(surrogate_width), eager
         shape = () if channels is None else (channels,)
 
-        def param(value: float, size=shape) -> nn.Parameter:
-            return nn.Parameter(torch.full(size, _logit(value)))
+        def param(value: float, learned: bool, size=shape) -> nn.Parameter:
+            return nn.Parameter(torch.full(size, _logit(value)), requires_grad=learned)
 
+        gates_learned = not gate_mode.startswith("static")
         names = ("alpha", "beta", "gamma") if variant == "glif" else ("gamma",)
-        for name, g in zip(("alpha", "beta", "gamma"), gate):
-            if name in names:
-                self.register_parameter(name, param(0.25 + g / 2))  # the paper code's squashed gate init
-        self.tau = param(tau)
-        self.v_th = param(v_th)
-        self.leak = param(leak)
-        self.v_reset = param(v_reset)  # initialised like v_th, but an independent parameter
-        self.conduct = param(conduct, (T, *shape))
+        for name, g in zip(("alpha", "beta", "gamma"), gate_init, strict=True):
+            if name in names:  # the paper code's squashed gate init; GLIF_f's gamma is never used
+                self.register_parameter(name, param(0.25 + g / 2, gates_learned and variant == "glif"))
+        learned = params == "learned"
+        self.tau = param(tau, learned)
+        self.v_th = param(v_th, learned)
+        self.leak = param(leak, learned)
+        self.v_reset = param(v_reset, learned)  # initialised like v_th, but an independent parameter
+        self.conduct = param(conduct, learned, (T, *shape))
 
     def extra_repr(self) -> str:
         return (
-            f"T={self.T}, channels={self.channels}, variant={self.variant!r}, gates={self.gates!r}, "
-            f"surrogate={self.surrogate!r}" + (", eager=True" if self.eager else "")
+            f"T={self.T}, channels={self.channels}, variant={self.variant!r}, gate_mode={self.gate_mode!r}, "
+            f"surrogate={self.surrogate!r}" + (", params='static'" if self.params == "static" else "")
+            + (", eager=True" if self.eager else "")
         )
 
     def _gate(self, logit: Tensor) -> Tensor:
-        if self.gates.startswith("static"):
+        if self.gate_mode.startswith("static"):
             logit = logit.detach()
         p = torch.sigmoid(logit)
-        return _StraightThrough.apply(p) if self.gates.endswith("hard") else p
+        return _StraightThrough.apply(p) if self.gate_mode.endswith("hard") else p
 
-    def values(self) -> dict[str, Tensor]:
-        """The effective values (sigmoids of the logits; gates after the gate mode): alpha ... conduct."""
+    def effective_values(self) -> dict[str, Tensor]:
+        """The values the equations use (sigmoids of the logits; gates after the gate mode): alpha ... conduct."""
         out = {}
         if self.variant == "glif":
             out.update(alpha=self._gate(self.alpha), beta=self._gate(self.beta), gamma=self._gate(self.gamma))
         for name in ("tau", "v_th", "leak", "v_reset", "conduct"):
-            out[name] = torch.sigmoid(getattr(self, name))
+            logit = getattr(self, name)
+            out[name] = torch.sigmoid(logit if self.params == "learned" else logit.detach())
         return out
+
+    def values(self) -> dict[str, Tensor]:
+        """Deprecated alias of `effective_values` (it read like `Mapping.values`); removed in the next release."""
+        warnings.warn("GLIF.values() is deprecated; use GLIF.effective_values()", DeprecationWarning, stacklevel=2)
+        return self.effective_values()
 
     def coefficients(self) -> GLIFCoeffs:
         """The recursion's coefficients, shaped `c 1` (gain `t c 1`); c = 1 for the layer-wise neuron."""
-        v = self.values()
+        v = self.effective_values()
         if self.variant == "glif":
             decay = 1.0 - v["alpha"] * (1.0 - v["tau"])
-            hard, drift = v["gamma"], (1.0 - v["alpha"]) * v["leak"]
-            soft, gain = (1.0 - v["gamma"]) * v["v_reset"], 1.0 - v["beta"] * (1.0 - v["conduct"])
+            reset_mul, drift = v["gamma"], (1.0 - v["alpha"]) * v["leak"]
+            reset_sub, gain = (1.0 - v["gamma"]) * v["v_reset"], 1.0 - v["beta"] * (1.0 - v["conduct"])
         else:
-            decay, hard, drift = v["tau"], torch.ones_like(v["tau"]), v["leak"]
-            soft, gain = v["v_reset"], v["conduct"]
+            decay, reset_mul, drift = v["tau"], torch.ones_like(v["tau"]), v["leak"]
+            reset_sub, gain = v["v_reset"], v["conduct"]
         col = "c -> c 1" if self.channels is not None else " -> 1 1"
         return GLIFCoeffs(
             decay=rearrange(decay, col),
-            hard=rearrange(hard, col),
+            reset_mul=rearrange(reset_mul, col),
             drift=rearrange(drift, col),
-            soft=rearrange(soft, col),
+            reset_sub=rearrange(reset_sub, col),
             v_th=rearrange(v["v_th"], col),
             gain=rearrange(gain, "t c -> t c 1" if self.channels is not None else "t -> t 1 1"),
         )
 
-    def _check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> None:
+        """Raises ValueError, naming the fix, unless x is a float `t b c ...` tensor with this neuron's T and C."""
         if not (x.is_floating_point()):
             raise ValueError(f"GLIF input must be a float tensor, got {x.dtype}; cast it, e.g. x.float()")
         if x.dim() < 3:
@@ -349,26 +379,54 @@ class GLIF(nn.Module):
                 f"(shape {tuple(x.shape)}); build GLIF(T, channels={x.shape[2]}) or fix the layer before it"
             )
 
+    def flat_pattern(self) -> str:
+        """The einops pattern to the kernels' `t b c n`: channels on dim 2 (one "channel" for the layer-wise neuron),
+        every trailing dim flattened into n."""
+        return "t b c ... -> t b c (...)" if self.channels is not None else "t b ... -> t b 1 (...)"
+
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        # The kernels see t b c n: channels on dim 2 (one "channel" for the layer-wise neuron), the rest flat.
-        pattern = "t b c ... -> t b c (...)" if self.channels is not None else "t b ... -> t b 1 (...)"
-        flat = rearrange(x, pattern)
+        self.check_input(x)
+        flat = rearrange(x, self.flat_pattern())
         args = (flat, self.surrogate, self.surrogate_width, self.eager, *self.coefficients())
-        # Without grad nothing is saved for backward, so the forward runs directly; this also sidesteps dynamo
-        # (torch 2.14), which under no_grad passes a ctx to a setup_context-style forward and so shifts every argument.
+        # Without grad nothing is saved for backward, so the forward runs directly. This also sidesteps a dynamo bug
+        # (torch 2.14: under no_grad it passes a ctx to a setup_context-style forward, shifting every argument);
+        # tests/test_compile.py::test_no_grad_workaround_still_needed fails once the installed torch is fixed.
         spikes = GLIFFunction.apply(*args) if torch.is_grad_enabled() else GLIFFunction.forward(*args)
         return spikes.reshape(x.shape)  # t b c n -> x's own `t b c ...` (a view)
 
 
+_DEPRECATED = {"gates": "gate_mode", "gate": "gate_init"}
+
+
+def rename_deprecated(options: dict) -> dict:
+    """A copy of `options` with the deprecated keywords `gates` / `gate` renamed to `gate_mode` / `gate_init` (one
+    DeprecationWarning each). Both spellings at once is a TypeError."""
+    out = dict(options)
+    for old, new in _DEPRECATED.items():
+        if old in out:
+            if new in out:
+                raise TypeError(f"pass {new}= only ({old}= is its deprecated alias)")
+            warnings.warn(f"the GLIF option {old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+            out[new] = out.pop(old)
+    return out
+
+
 @torch.no_grad()
-def randomize_gates(module: nn.Module, low: float = -0.1, high: float = 0.1) -> nn.Module:
+def randomize_gates(module: nn.Module, low: float = -0.1, high: float = 0.1,
+                    dtype: torch.dtype | None = None) -> nn.Module:
     """The paper's `--randomgate`: every sub-module with alpha, beta and gamma gets logits drawn from U(low, high).
 
-    GLIF_f modules (no alpha/beta) keep their initial gates, as in the reference. Returns the module.
+    With `dtype` the gates are replaced by new parameters of that dtype (the CIFAR10-DVS model's float64 gates,
+    docs/neuron.md §8), keeping their names and registration order. GLIF_f modules (no alpha/beta) keep their
+    initial gates, as in the reference. Returns the module.
     """
     for m in module.modules():
         if all(isinstance(getattr(m, name, None), torch.Tensor) for name in ("alpha", "beta", "gamma")):
             for name in ("alpha", "beta", "gamma"):
-                getattr(m, name).uniform_(low, high)
+                old = getattr(m, name)
+                if dtype is None or dtype == old.dtype:
+                    old.uniform_(low, high)
+                else:
+                    new = torch.empty(old.shape, dtype=dtype, device=old.device).uniform_(low, high)
+                    setattr(m, name, nn.Parameter(new, requires_grad=old.requires_grad))
     return module

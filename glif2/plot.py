@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glif2.analysis import glif_layers
 from glif2.checkpoint import load_model
-from glif2.models import glif_layers
 
 QUANTITIES = ("alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset", "conduct")
 LABELS = {
@@ -39,7 +39,7 @@ def parameter_values(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     their unused gamma is left out)."""
     out: dict[str, dict[str, torch.Tensor]] = {q: {} for q in QUANTITIES}
     for name, m in glif_layers(model):
-        for q, v in m.values().items():
+        for q, v in m.effective_values().items():
             out[q][name] = v.detach().double().flatten().cpu()
     return {q: layers for q, layers in out.items() if layers}
 
@@ -62,7 +62,7 @@ def plot_parameters(model: nn.Module, out: str | Path, title: str | None = None)
     rows = (len(values) + cols - 1) // cols
     height = max(3.0, 0.22 * len(layers) + 1.2)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), sharey=True, squeeze=False)
-    for ax, (q, per_layer) in zip(axes.flat, values.items()):
+    for ax, (q, per_layer) in zip(axes.flat, values.items(), strict=False):
         for i, name in enumerate(layers):
             v = per_layer.get(name)
             if v is None:

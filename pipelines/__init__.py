@@ -2,16 +2,16 @@
 
 Shape letters: b batch, c channels, h w space, t steps, k classes.
 
-| dataset      | x (float32)          | backends      | normalisation constants           |
-|--------------|----------------------|---------------|-----------------------------------|
-| "cifar10"    | `b 3 32 32`          | dali, torch   | CIFAR10_MEAN / CIFAR10_STD        |
-| "cifar100"   | `b 3 32 32`          | dali, torch   | CIFAR100_MEAN / CIFAR100_STD      |
-| "imagenet"   | `b 3 224 224`        | dali, torch   | IMAGENET_MEAN / IMAGENET_STD      |
-| "cifar10dvs" | `b t 2 48 48`        | torch (tonic) | none (raw event counts)           |
-| "digits"     | `b 1 8 8`            | torch         | DIGITS_MEAN / DIGITS_STD          |
+| dataset      | x (float32)          | backends      |
+|--------------|----------------------|---------------|
+| "cifar10"    | `b 3 32 32`          | dali, torch   |
+| "cifar100"   | `b 3 32 32`          | dali, torch   |
+| "imagenet"   | `b 3 224 224`        | dali, torch   |
+| "cifar10dvs" | `b t 2 48 48`        | torch (tonic) |
+| "digits"     | `b 1 8 8`            | torch         |
 
-y is int64 `b`. DALI and tonic are imported only when their pipelines are built, so `import pipelines` needs
-neither.
+y is int64 `b`. Every dataset fact (classes, channels, size, normalisation) is in `pipelines.datasets.DATASETS`.
+DALI and tonic are imported only when their pipelines are built, so `import pipelines` needs neither.
 """
 
 from __future__ import annotations
@@ -22,41 +22,46 @@ from typing import Any
 
 import torch
 
-from pipelines._common import ShardedLoader, check_common
-from pipelines.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
-from pipelines.cifar10dvs import CIFAR10DVS_MEAN, CIFAR10DVS_STD
-from pipelines.digits import DIGITS_MEAN, DIGITS_STD
-from pipelines.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from pipelines._common import DataError, ShardedLoader, check_common
+from pipelines.datasets import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR10DVS_MEAN,
+    CIFAR10DVS_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DALI_DATASETS,
+    DATASETS,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetInfo,
+    dataset_info,
+)
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "cifar10dvs", "digits")
-DALI_DATASETS = ("cifar10", "cifar100", "imagenet")
 BACKENDS = ("auto", "dali", "torch")
 
-# dataset name -> (mean, std) per channel, for models and eval scripts that need them.
-NORMALIZATION = {
-    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "cifar10dvs": (CIFAR10DVS_MEAN, CIFAR10DVS_STD),
-    "digits": (DIGITS_MEAN, DIGITS_STD),
-}
-
 __all__ = [
+    "BACKENDS",
     "CIFAR10DVS_MEAN",
     "CIFAR10DVS_STD",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "DALI_DATASETS",
     "DATASETS",
+    "DataError",
     "DIGITS_MEAN",
     "DIGITS_STD",
+    "DatasetInfo",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "NORMALIZATION",
     "ShardedLoader",
     "build_loader",
     "dali_available",
+    "dataset_info",
     "resolve_backend",
 ]
 
@@ -137,8 +142,7 @@ def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None
         ValueError: bad arguments or unreadable files (the message names the file and what to do).
         FileNotFoundError: missing folders or files (the message names the expected layout).
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+    dataset_info(dataset)
     check_common(batch_size=batch_size, rank=rank, world_size=world_size)
     backend = resolve_backend(dataset, backend)
     if dataset != "digits" and data_dir is None:

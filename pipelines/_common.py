@@ -23,6 +23,10 @@ from einops import rearrange
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class DataError(ValueError):
+    """A data file or folder that cannot be used as it is; the message names it and says what to do."""
+
+
 # helpers
 
 

@@ -30,20 +30,16 @@ from pipelines._common import (
     is_train_split,
     random_crop_flip_params,
 )
-
-# Normalisation constants of the reference (TRAINING.md §1), as fractions of 255.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.247, 0.243, 0.261)
-CIFAR100_MEAN = (129.3 / 255, 124.1 / 255, 112.4 / 255)
-CIFAR100_STD = (68.2 / 255, 65.4 / 255, 70.4 / 255)
+from pipelines.datasets import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASETS
 
 PAD = 4  # RandomCrop(32, padding=4)
 
 # name: (folder, train files, test files, label key, classes, mean, std)
 _LAYOUT: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], bytes, int, tuple, tuple]] = {
     "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels",
-                10, CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": ("cifar-100-python", ("train",), ("test",), b"fine_labels", 100, CIFAR100_MEAN, CIFAR100_STD),
+                DATASETS["cifar10"].num_classes, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), b"fine_labels", DATASETS["cifar100"].num_classes,
+                 CIFAR100_MEAN, CIFAR100_STD),
 }
 
 
@@ -115,7 +111,7 @@ def load_cifar(name: str, split: str, *, data_dir: str | os.PathLike, download: 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 `b c h w` -> float32 `b c h w`, (x / 255 - mean) / std per channel, as one fused multiply-add."""
     scale = rearrange(torch.tensor([1 / (255 * s) for s in std], device=x.device), "c -> c 1 1")
-    shift = rearrange(torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device), "c -> c 1 1")
+    shift = rearrange(torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=x.device), "c -> c 1 1")
     return torch.addcmul(shift, x.float(), scale)
 
 

@@ -2,18 +2,18 @@
 
 Shape letters: b batch, t steps (frames), c channels (2 polarities), h w space, n events or samples.
 
-Events to frames (TRAINING.md §2, DVS-FRAMES.md §2, §4): with N events and d = N // T, frame j < T-1 counts the
+Events to frames (docs/dvs.md §2-§4): with N events and d = N // T, frame j < T-1 counts the
 events with index in [j*d, (j+1)*d) and frame T-1 counts [(T-1)*d, N), so the last frame takes the remainder
 (tonic's `ToFrame(n_event_bins=T)` drops it, and gives T empty frames when N < T; SpikingJelly puts all N events
 in the last frame, as here). Frame [t, c, y, x] counts events with polarity c at pixel (x, y): `t 2 128 128`.
 
-Orientation (`remap`, an explicit option because the true map is unproven, DVS-FRAMES.md §3): tonic's events are
+Orientation (`remap`, an explicit option because the true map is unproven, docs/dvs.md §3): tonic's events are
 the AEDAT 4.0 (x, y, on) that DV wrote when the original AEDAT 2.0 files were converted; how DV mapped the DVS128
 address bits is not documented. The released model saw SpikingJelly's (127 - y_raw, 127 - x_raw, 1 - p_raw).
 - "h1" (default, best-supported hypothesis, DV = libcaer convention): x_s = y_t, y_s = x_t, p_s = p_t (transpose).
 - "h2": (y_t, 127 - x_t, 1 - p_t); "h3": (127 - y_t, x_t, p_t); "h4": (127 - y_t, 127 - x_t, 1 - p_t).
 - "none": tonic's coordinates as they are (x_s = x_t, y_s = y_t, p_s = p_t).
-Confirm on real data before trusting accuracies (DVS-FRAMES.md §4.3: sweep the maps with the released checkpoint).
+Confirm on real data before trusting accuracies (docs/dvs.md §8.3: sweep the maps with the released checkpoint).
 
 Split: classes alphabetical, files sorted by name (lexicographic, SpikingJelly's DatasetFolder order); per class
 the first ceil(0.9 n_c) files train, the rest test (900/100 with the full data). Frames are cached once on disk as
@@ -38,17 +38,15 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from pipelines._common import MapLoader, ShardedLoader, check_common, crop_flip, is_train_split, random_crop_flip_params
+from pipelines.datasets import DATASETS
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SENSOR = 128
-SIZE = 48  # dsr_da resolution
+SIZE = DATASETS["cifar10dvs"].input_size  # dsr_da resolution
 PAD = 4
 TRAIN_FRACTION = 0.9
 REMAPS = ("h1", "h2", "h3", "h4", "none")
 CACHE_VERSION = 1  # bump when the frame rule or file format changes, so old caches are not reused
-# Frames are raw event counts (no normalisation in the reference); these constants make that explicit.
-CIFAR10DVS_MEAN = (0.0, 0.0)
-CIFAR10DVS_STD = (1.0, 1.0)
 
 _MAGIC = b"#!AER-DAT4.0\r\n"
 

@@ -15,10 +15,8 @@ import torch
 from einops import rearrange
 
 from pipelines._common import ShardedLoader, TensorLoader, check_common, is_train_split
+from pipelines.datasets import DATASETS, DIGITS_MEAN, DIGITS_STD
 
-# Mean and std of load_digits().data / 16 over all 1797 images (a test recomputes them).
-DIGITS_MEAN = (0.30526028624095713,)
-DIGITS_STD = (0.3760492217920148,)
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the split must not move with the training seed
 
@@ -56,6 +54,7 @@ def build_digits(split: str, *, batch_size: int, rank: int = 0, world_size: int 
     """
     check_common(batch_size=batch_size, rank=rank, world_size=world_size)
     x, y = load_digits_split(split)
-    return TensorLoader(torch.from_numpy(x), torch.from_numpy(y), transform=_normalize, num_classes=10,
+    return TensorLoader(torch.from_numpy(x), torch.from_numpy(y), transform=_normalize,
+                        num_classes=DATASETS["digits"].num_classes,
                         train=is_train_split(split), batch_size=batch_size, rank=rank, world_size=world_size,
                         seed=seed, device=device)

@@ -3,7 +3,7 @@
 Shape letters: b batch, c channels (3), h w space (224 x 224), n samples in a split.
 
 Train: random-resized crop 224 with area scale (0.2, 1.0) and aspect (3/4, 4/3), horizontal flip, normalise.
-Val: resize the short side to 256, center crop 224, normalise (TRAINING.md §1). Output x float32 `b 3 224 224`,
+Val: resize the short side to 256, center crop 224, normalise (docs/training.md §4.2). Output x float32 `b 3 224 224`,
 y int64 `b`; class k is the k-th class folder in sorted order (as ImageFolder numbers them).
 
 "dali": `fn.readers.file` over this rank's file list (sharding and the per-epoch permutation are done here, from
@@ -21,10 +21,9 @@ import numpy as np
 import torch
 
 from pipelines._common import DaliLoader, MapLoader, ShardedLoader, check_common, epoch_seed, is_train_split
+from pipelines.datasets import DATASETS, IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SIZE = 224
+SIZE = DATASETS["imagenet"].input_size
 RESIZE = 256
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)

@@ -78,7 +78,8 @@ def write_aedat4(path: str, x: np.ndarray, y: np.ndarray, p: np.ndarray, t: np.n
     n = len(x)
     t = np.arange(n, dtype=np.int64) * 10 + 1_000 if t is None else t
     store = dv.EventStore()
-    for ti, xi, yi, pi in zip(t.tolist(), np.asarray(x).tolist(), np.asarray(y).tolist(), np.asarray(p).tolist()):
+    columns = (t.tolist(), np.asarray(x).tolist(), np.asarray(y).tolist(), np.asarray(p).tolist())
+    for ti, xi, yi, pi in zip(*columns, strict=True):
         store.push_back(int(ti), int(xi), int(yi), bool(pi))
     writer = dv.io.MonoCameraWriter(path, dv.io.MonoCameraWriter.EventOnlyConfig("DVS128", (128, 128)))
     if n:

@@ -1,4 +1,4 @@
-"""An independent, naive float64 GLIF written straight from the paper's equations (GLIF.md §3), for tests.
+"""An independent, naive float64 GLIF written straight from the paper's equations (docs/neuron.md §2.1), for tests.
 
 It uses the gates alpha, beta, gamma directly (not the fused kernels' coefficient form) and autograd for the
 gradients, with its own rectangle-surrogate spike.

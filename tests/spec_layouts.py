@@ -1,4 +1,4 @@
-"""The reference checkpoints' key layouts, written from ARCHITECTURES.md §3-§5 and §7 (Appendix A), independently of
+"""The reference checkpoints' key layouts, written from docs/networks.md §2-§4 and §8.3, independently of
 glif2.models: name -> (shape, kind) with the reference's own leaf names (Vth, reVth). Used to build fixture files
 in the reference format and to count parameters.
 
@@ -37,7 +37,7 @@ def conv(d, prefix, c_out, c_in, k):
 
 def _blocks(first, widths, repeats, strides):
     out, c_in = [], first
-    for c, n, s in zip(widths, repeats, strides):
+    for c, n, s in zip(widths, repeats, strides, strict=True):
         for i in range(n):
             out.append((c_in, c, s if i == 0 else 1))
             c_in = c

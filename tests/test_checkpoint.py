@@ -1,4 +1,4 @@
-"""glif2.checkpoint and glif2.convert: the released-file loader (fixtures built from ARCHITECTURES.md's key tables),
+"""glif2.checkpoint and glif2.convert: the released-file loader (fixtures built from the key tables of docs/networks.md §8.3),
 our checkpoint round trip and its atomic write."""
 
 import argparse
@@ -12,7 +12,8 @@ from spec_layouts import layout, old_naming, random_state_dict
 
 import glif2
 from glif2 import convert
-from glif2.checkpoint import REFERENCE_KEYS, CheckpointError, clean_state_dict, rng_state, set_rng_state
+from glif2.checkpoint import CheckpointError, clean_state_dict, rng_state, set_rng_state
+from glif2.released import REFERENCE_KEYS
 
 # (file name, arch, classes, T, layout options, spec key count at T=6 where §6/A gives one)
 RELEASED = [
@@ -68,7 +69,7 @@ def ref_dir(tmp_path_factory):
 def test_released_layouts_load_strictly(ref_dir, name, arch, K, T, opts, keys):
     if keys is not None:
         assert len(layout(arch, K, 6 if arch != "sew7b_wide" else 16, **opts)) == keys
-    prefix = "module." if arch == "resnet18ms" else ""  # saved from DDP (ARCHITECTURES.md §6)
+    prefix = "module." if arch == "resnet18ms" else ""  # saved from DDP (docs/networks.md §7.2)
     sd = write_reference(ref_dir / name, arch, K, T, opts, prefix=prefix)
     model = glif2.load_reference_checkpoint(ref_dir / name, eager=True)
     assert (model.model_config["name"], model.model_config["num_classes"], model.model_config["T"]) == (arch, K, T)
@@ -180,7 +181,7 @@ def test_convert_writes_our_format(tmp_path):
 
 def _trained_small(T=2):
     torch.manual_seed(0)
-    model = glif2.create_model("glifnet_small", 10, T, eager=True, gates="hard")
+    model = glif2.create_model("glifnet_small", 10, T, eager=True, gate_mode="hard")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -197,7 +198,7 @@ def test_round_trip_identical_logits(tmp_path):
     ckpt = glif2.load_checkpoint(path)
     assert ckpt["epoch"] == 4 and ckpt["config"]["milestones"] == [3, 6] and "state" in ckpt["optimizer"]
     loaded = glif2.load_model(path)
-    assert loaded.model_config == model.model_config and loaded.model_config["gates"] == "hard"
+    assert loaded.model_config == model.model_config and loaded.model_config["gate_mode"] == "hard"
     assert loaded.checkpoint_meta == {"format": "glif2", "path": str(path), "dataset": "digits", "epoch": 4,
                                       "step": 40, "best_acc": 91.5}
     model.eval(), loaded.eval()

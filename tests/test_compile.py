@@ -73,7 +73,7 @@ def test_compiled_equals_eager():
     (b(xb) * g).sum().backward()
     assert torch.equal(a(x), b(x))
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
@@ -87,5 +87,5 @@ def test_outer_compile_of_a_network_matches_eager():
     out_eager.sum().backward()
     out.sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
-    for (name, pa), pb in zip(eager_net.named_parameters(), net.parameters()):
+    for (name, pa), pb in zip(eager_net.named_parameters(), net.parameters(), strict=True):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-4, msg=name)

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import glif2
-from glif2.models import glif_layers
+from glif2.analysis import glif_layers
+from glif2.train import cli, evaluation
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import eval as evaluation
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def tiny_checkpoints(tmp_path_factory):
 def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
     _, paths = tiny_checkpoints
     out = tmp_path / "res" / "eval.json"
-    rows = evaluation.main(["--checkpoint", str(paths[0]), "--batch-size", "90", "--json", str(out)])
+    rows = cli.eval_main(["--checkpoint", str(paths[0]), "--batch-size", "90", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
     (row,) = json.loads(out.read_text())
     assert row["checkpoint"] == str(paths[0]) and row["format"] == "glif2" and row["dataset"] == "digits"
@@ -47,7 +46,7 @@ def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
 
 def test_eval_folder_one_row_each(tiny_checkpoints, tmp_path):
     folder, paths = tiny_checkpoints
-    rows = evaluation.main(["--checkpoint", str(folder), "--dataset", "digits", "--batch-size", "180",
+    rows = cli.eval_main(["--checkpoint", str(folder), "--dataset", "digits", "--batch-size", "180",
                             "--json", str(tmp_path / "all.json")])
     assert [r["checkpoint"] for r in rows] == [str(p) for p in paths]
     assert [r["T"] for r in rows] == [2, 3]
@@ -59,7 +58,7 @@ def test_evaluate_metrics_match_manual():
     logits = torch.randn(50, 7)
     y = torch.randint(0, 7, (50,))
     batches = [(logits[i : i + 16], y[i : i + 16]) for i in range(0, 50, 16)]
-    res = evaluation.evaluate(torch.nn.Identity(), batches, progress=False)
+    res = evaluation.evaluate_model(torch.nn.Identity(), batches, torch.device("cpu"), progress=False)
     top5 = logits.topk(5, dim=1).indices
     assert res["top1"] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
     assert res["top5"] == pytest.approx(100 * (top5 == y[:, None]).any(1).float().mean().item())
@@ -69,9 +68,9 @@ def test_evaluate_metrics_match_manual():
 
 def test_eval_errors(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
-        evaluation.main(["--checkpoint", str(tmp_path / "missing.pt")])
+        evaluation.evaluate_checkpoints(str(tmp_path / "missing.pt"), dataset=None, data_dir="data", batch_size=8)
     with pytest.raises(ValueError, match="no checkpoint files"):
-        evaluation.main(["--checkpoint", str(tmp_path)])
+        evaluation.evaluate_checkpoints(str(tmp_path), dataset=None, data_dir="data", batch_size=8)
 
 
 def test_eval_cli(tiny_checkpoints, tmp_path):

@@ -9,10 +9,10 @@ import torch
 from spec_layouts import count_params, layout
 
 import glif2
-from glif2.checkpoint import REFERENCE_KEYS
+from glif2.analysis import FiringRates, firing_rates, glif_layers
 from glif2.layers import tdBatchNorm
-from glif2.models import FiringRates, firing_rates, glif_layers
 from glif2.models.resnet import SQRT1_2
+from glif2.released import REFERENCE_KEYS
 
 # name -> (classes, small input `b ...` for a CPU smoke run, extra options)
 SMOKE = {
@@ -26,7 +26,7 @@ SMOKE = {
     "glifnet_small": (10, (4, 1, 8, 8), {}),
 }
 
-# ARCHITECTURES.md §7 (T=6) and §5 (T=16)
+# docs/networks.md §6
 SPEC_COUNTS = [
     ("resnet18", 10, 6, 11_355_264),
     ("resnet18", 100, 6, 11_272_832),
@@ -95,10 +95,10 @@ def test_glif_and_bn_counts_and_alphas():
 
 
 def test_neuron_options_pass_through():
-    lw = glif2.create_model("resnet19", 10, 3, channel_wise=False, gates="static_hard", tau=0.5)
+    lw = glif2.create_model("resnet19", 10, 3, channel_wise=False, gate_mode="static_hard", tau=0.5)
     glifs = [m for _, m in glif_layers(lw)]
-    assert all(m.channels is None and m.gates == "static_hard" and m.conduct.shape == (3,) for m in glifs)
-    assert torch.allclose(glifs[0].values()["tau"], torch.tensor(0.5))
+    assert all(m.channels is None and m.gate_mode == "static_hard" and m.conduct.shape == (3,) for m in glifs)
+    assert torch.allclose(glifs[0].effective_values()["tau"], torch.tensor(0.5))
     f = glif2.create_model("resnet18", 100, 2, variant="glif_f")
     assert not hasattr(dict(glif_layers(f))["conv1.1"], "alpha")
     assert len(f.lastave) == 1  # the GLIF_f and layer-wise CIFAR nets always have one linear
@@ -109,8 +109,8 @@ def test_neuron_options_pass_through():
     assert not any(k.endswith("v_th") and "conv1.0.1" in k for k in plain.state_dict())
     with pytest.raises(ValueError, match="bn="):
         glif2.create_model("resnet19", 10, 2, bn="group")
-    with pytest.raises(ValueError, match="gates="):
-        glif2.create_model("resnet19", 10, 2, gates="soft_mode")
+    with pytest.raises(ValueError, match="gate_mode="):
+        glif2.create_model("resnet19", 10, 2, gate_mode="soft_mode")
     with pytest.raises(ValueError, match="connect="):
         glif2.create_model("sew7b_wide", 10, 2, connect="OR")
 
@@ -118,7 +118,7 @@ def test_neuron_options_pass_through():
 def test_dvs_neuron_init():
     model = glif2.create_model("sew7b_wide", 10, 16)
     g = dict(glif_layers(model))["conv.0.1"]
-    v = g.values()
+    v = g.effective_values()
     assert g.alpha.dtype == torch.float64 and g.alpha.abs().max() <= 0.1 and g.alpha.std() > 0
     assert torch.allclose(v["tau"], torch.tensor(0.5))
     assert torch.allclose(v["v_th"], torch.tensor(0.99999)) and torch.allclose(v["v_reset"], torch.tensor(0.99999))
@@ -177,8 +177,8 @@ def test_input_contract_errors():
 
 
 def test_model_config_is_plain():
-    model = glif2.create_model("resnet19", 10, 2, gate=(0.5, 0.5, 0.5), channel_wise=False, eager=True)
-    assert model.model_config == {"name": "resnet19", "num_classes": 10, "T": 2, "gate": [0.5, 0.5, 0.5],
+    model = glif2.create_model("resnet19", 10, 2, gate_init=(0.5, 0.5, 0.5), channel_wise=False, eager=True)
+    assert model.model_config == {"name": "resnet19", "num_classes": 10, "T": 2, "gate_init": [0.5, 0.5, 0.5],
                                   "channel_wise": False, "eager": True}
     with pytest.raises(ValueError, match="plain"):
         glif2.create_model("resnet19", 10, 2, surrogate=object())

@@ -28,10 +28,10 @@ def effective(m: GLIF, ndim: int) -> dict:
     shaped to broadcast against one step `b c ...` of an input of rank `ndim`."""
 
     def gate(logit):
-        if m.gates.startswith("static"):
+        if m.gate_mode.startswith("static"):
             logit = logit.detach()
         p = torch.sigmoid(logit)
-        if m.gates.endswith("hard"):
+        if m.gate_mode.endswith("hard"):
             p = p + ((p > 0.5).to(p.dtype) - p).detach()
         return p
 
@@ -76,7 +76,7 @@ def neuron_and_input(draw):
     seed = draw(st.integers(0, 2**16))
     trailing = draw(st.sampled_from([(), (2,), (2, 3)]))
     g = torch.Generator().manual_seed(seed)
-    m = perturbed(GLIF(t, channels, variant=variant, gates=gates, eager=True), seed)
+    m = perturbed(GLIF(t, channels, variant=variant, gate_mode=gates, eager=True), seed)
     x = torch.randn((t, 2, 3, *trailing), generator=g) * 0.8 + 0.4
     return m, x
 
@@ -114,7 +114,7 @@ def test_no_state_between_calls():
     assert torch.equal(m(x), first)
 
 
-# --- gate extremes (GLIF.md §5) -----------------------------------------------------------------------------------
+# --- gate extremes (docs/neuron.md §7.1) ---------------------------------------------------------------------------
 
 # (alpha, beta, gamma) -> one step of the named LIF variant, written out by hand.
 REDUCTIONS = {
@@ -132,9 +132,9 @@ REDUCTIONS = {
 @pytest.mark.parametrize("gates", sorted(REDUCTIONS))
 @pytest.mark.parametrize("mode", ["static_hard", "hard", "soft"])
 def test_gate_extremes_reduce_to_lif_variants(gates, mode):
-    m = perturbed(GLIF(6, 4, gates=mode, eager=True), seed=3).double()
+    m = perturbed(GLIF(6, 4, gate_mode=mode, eager=True), seed=3).double()
     with torch.no_grad():  # hard modes binarise +-3; soft mode needs +-40 to be exactly 0/1 in float64
-        for name, on in zip(("alpha", "beta", "gamma"), gates):
+        for name, on in zip(("alpha", "beta", "gamma"), gates, strict=True):
             getattr(m, name).fill_((1 if on else -1) * (3.0 if "hard" in mode else 40.0))
     x = torch.randn(6, 3, 4, 5, dtype=torch.float64) * 0.7 + 0.5
     p = {k: torch.sigmoid(getattr(m, k))[:, None] for k in ("tau", "v_th", "leak", "v_reset")}
@@ -172,7 +172,7 @@ def test_one_step_is_affine_in_each_gate(gate):
 
 
 def test_glif_f_after_a_spike():
-    # GLIF_f: after a spike u_t = -leak + c_t x_t - v_reset (GLIF.md §3.2), whatever u_{t-1} was.
+    # GLIF_f: after a spike u_t = -leak + c_t x_t - v_reset (docs/neuron.md §2.2), whatever u_{t-1} was.
     m = perturbed(GLIF(3, 2, variant="glif_f", eager=True), seed=5).double()
     assert not hasattr(m, "alpha") and not hasattr(m, "beta") and m.gamma.shape == (2,)
     x = torch.tensor([5.0, 0.3, 0.2], dtype=torch.float64)[:, None, None].expand(3, 1, 2).contiguous()
@@ -183,10 +183,10 @@ def test_glif_f_after_a_spike():
     torch.testing.assert_close(u[1, 0], -v["leak"] + c[1] * 0.3 - v["v_reset"], rtol=1e-12, atol=1e-12)
 
 
-# --- worked vectors (GLIF.md §5.1) --------------------------------------------------------------------------------
+# --- worked vectors (docs/neuron.md §7.2) --------------------------------------------------------------------------
 
 def negate_gates(m: GLIF) -> GLIF:
-    """The reference layer-wise class stores -logit for its gates (GLIF.md Q3); this reproduces its init."""
+    """The reference layer-wise class stores -logit for its gates (docs/neuron.md §9 Q3); this reproduces its init."""
     with torch.no_grad():
         for name in ("alpha", "beta", "gamma"):
             getattr(m, name).neg_()
@@ -198,8 +198,9 @@ WORKED = [
     ("cw", lambda: GLIF(4, 1), 0.3, [0.174375, 0.2768203, 0.3370069, 0.3723665], [0, 0, 0, 0]),
     ("layer", lambda: negate_gates(GLIF(4)), 1.0, [0.790625, 0.8037089, 0.8084764, 0.8102137], [1, 1, 1, 1]),
     ("glif_f", lambda: GLIF(4, 1, variant="glif_f"), 1.0, [0.4375, 0.546875, -0.0625, 0.421875], [0, 1, 0, 0]),
-    ("hard", lambda: GLIF(4, 1, gates="hard"), 1.0, [0.5, 0.625, 0.5, 0.625], [0, 1, 0, 1]),
-    ("static", lambda: negate_gates(GLIF(4, gates="static_hard")), 1.0, [0.9375, 1.375, 1.8125, 2.25], [1, 1, 1, 1]),
+    ("hard", lambda: GLIF(4, 1, gate_mode="hard"), 1.0, [0.5, 0.625, 0.5, 0.625], [0, 1, 0, 1]),
+    ("static", lambda: negate_gates(GLIF(4, gate_mode="static_hard")), 1.0, [0.9375, 1.375, 1.8125, 2.25],
+     [1, 1, 1, 1]),
 ]
 
 
@@ -215,15 +216,15 @@ def test_default_init_values():
     cw, lw, f = GLIF(6, 8), GLIF(6), GLIF(6, 8, variant="glif_f")
     expected = {"alpha": 0.55, "beta": 0.65, "gamma": 0.55, "tau": 0.25, "v_th": 0.5, "leak": 0.0625, "v_reset": 0.5}
     for m in (cw, lw):
-        v = m.values()
+        v = m.effective_values()
         for name, value in expected.items():
             torch.testing.assert_close(v[name], torch.full_like(v[name], value))
     assert cw.conduct.shape == (6, 8) and lw.conduct.shape == (6,) and lw.alpha.shape == ()
     names = ["alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset", "conduct"]
     assert [n for n, _ in cw.named_parameters()] == names
     assert [n for n, _ in f.named_parameters()] == ["gamma", "tau", "v_th", "leak", "v_reset", "conduct"]
-    torch.testing.assert_close(cw.alpha, torch.full((8,), 0.2006707))  # logit(0.25 + 0.6 / 2), GLIF.md §2.1
-    assert torch.sigmoid(GLIF(2, 1, gate=(1.0, 1.0, 1.0)).alpha).item() == pytest.approx(0.75)
+    torch.testing.assert_close(cw.alpha, torch.full((8,), 0.2006707))  # logit(0.25 + 0.6 / 2), docs/neuron.md §3.2
+    assert torch.sigmoid(GLIF(2, 1, gate_init=(1.0, 1.0, 1.0)).alpha).item() == pytest.approx(0.75)
 
 
 def test_randomize_gates():
@@ -245,8 +246,8 @@ def test_randomize_gates():
 @pytest.mark.parametrize("channels", [None, 4])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
 def test_backward_matches_autograd_of_float64_reference(variant, gates, channels, eager):
-    m = perturbed(GLIF(5, channels, variant=variant, gates=gates, eager=eager), seed=11).double()
-    ref = perturbed(GLIF(5, channels, variant=variant, gates=gates), seed=11).double()
+    m = perturbed(GLIF(5, channels, variant=variant, gate_mode=gates, eager=eager), seed=11).double()
+    ref = perturbed(GLIF(5, channels, variant=variant, gate_mode=gates), seed=11).double()
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(5, 3, 4, 3, 3, generator=g, dtype=torch.float64) * 0.6 + 0.3).requires_grad_()
     xr = x.detach().clone().requires_grad_()
@@ -260,7 +261,7 @@ def test_backward_matches_autograd_of_float64_reference(variant, gates, channels
     assert torch.equal(out, out_ref) and 0.05 < out.mean() < 0.8
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-12)
     nonzero = 0
-    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters(), strict=True):
         if p_ref.grad is None:  # static gates and GLIF_f's gamma take no gradient
             assert p.grad is None or not p.grad.any(), name
             continue
@@ -283,7 +284,7 @@ def test_reduced_precision_input_accumulates_in_float32():
 
 
 def test_float64_parameters_promote_the_membrane():
-    # The released CIFAR10-DVS gates are float64 (GLIF.md Q13): the membrane is float64, spikes keep x's dtype.
+    # The released CIFAR10-DVS gates are float64 (docs/neuron.md §9 Q13): the membrane is float64, spikes keep x's dtype.
     m = perturbed(GLIF(T, 3), seed=4)
     for name in ("alpha", "beta", "gamma"):
         setattr(m, name, torch.nn.Parameter(getattr(m, name).detach().double()))
@@ -307,7 +308,7 @@ def test_rect_window_edges_through_the_fused_backward():
         assert x.grad.flatten().tolist() == [0, 0.5, 0.5, 0.5, 0, 0, 0]
 
 
-# --- SpikingJelly's GatedLIFNode as an independent oracle (PEERS.md §5) -------------------------------------------
+# --- SpikingJelly's GatedLIFNode as an independent oracle (docs/neuron.md §10) ------------------------------------
 
 @pytest.mark.parametrize("channels", [None, 8])
 def test_matches_spikingjelly_gated_lif(channels):
@@ -360,8 +361,8 @@ def test_bad_input_errors(m, x, match):
         (dict(T=0), "positive int"),
         (dict(T=4, channels=0), "channels"),
         (dict(T=4, variant="lif"), "variant"),
-        (dict(T=4, gates="gumbel"), "gates"),
-        (dict(T=4, gate=(0.6, 0.8, 2.0)), "gate"),
+        (dict(T=4, gate_mode="gumbel"), "gate_mode"),
+        (dict(T=4, gate_init=(0.6, 0.8, 2.0)), "gate_init"),
         (dict(T=4, tau=1.0), "tau"),
         (dict(T=4, surrogate="erf"), "surrogate"),
     ],
@@ -373,5 +374,5 @@ def test_bad_construction_errors(kwargs, match):
 
 def test_all_gate_modes_and_variants_build():
     for variant, gates, channels in itertools.product(("glif", "glif_f"), GATE_MODES, (None, 2)):
-        m = GLIF(2, channels, variant=variant, gates=gates)
+        m = GLIF(2, channels, variant=variant, gate_mode=gates)
         assert m(torch.randn(2, 1, 2, 3)).shape == (2, 1, 2, 3)

@@ -34,7 +34,7 @@ cuda = pytest.mark.gpu
 
 
 def collect(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*[(x.cpu(), y.cpu()) for x, y in loader])
+    xs, ys = zip(*[(x.cpu(), y.cpu()) for x, y in loader], strict=False)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -114,7 +114,7 @@ def test_cifar_contract(cifar_data, name, backend):
     xte, yte = cifar_data["test"]
     expect_y = yte if name == "cifar10" else yte * 10 + 3
     np.testing.assert_array_equal(y.numpy(), expect_y)
-    mean, std = pipelines.NORMALIZATION[name]
+    mean, std = pipelines.DATASETS[name].mean, pipelines.DATASETS[name].std
     # The test split is the plain normalised image, in file order.
     ref = (torch.from_numpy(rearrange(xte, "n h w c -> n c h w")).float() / 255
            - rearrange(torch.tensor(mean), "c -> c 1 1")) / rearrange(torch.tensor(std), "c -> c 1 1")
@@ -130,7 +130,10 @@ def test_normalisation_constants():
 
     data = load_digits().data / 16.0
     np.testing.assert_allclose((digits.DIGITS_MEAN[0], digits.DIGITS_STD[0]), (data.mean(), data.std()), rtol=1e-12)
-    assert set(pipelines.NORMALIZATION) == set(pipelines.DATASETS)
+    info = pipelines.DATASETS
+    assert (info["cifar10"].mean, info["digits"].std, info["imagenet"].mean) == (
+        cifar.CIFAR10_MEAN, digits.DIGITS_STD, imagenet.IMAGENET_MEAN)
+    assert all(len(i.mean) == len(i.std) == i.in_channels for i in info.values())
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
@@ -150,8 +153,8 @@ def test_imagenet_contract(imagenet_root, backend, split):
         assert y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     # Normalised random pixels: roughly zero mean, unit-ish spread, within the normalised [0, 255] range.
-    lo = min((0 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
-    hi = max((1 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD))
+    lo = min((0 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD, strict=True))
+    hi = max((1 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD, strict=True))
     assert lo - 1e-4 <= x.min() and x.max() <= hi + 1e-4 and abs(x.mean()) < 0.5
 
 
@@ -223,7 +226,8 @@ def test_cifar_train_is_padded_crop_and_mirror(cifar_data, backend):
     for epoch in range(3):
         loader.set_epoch(epoch)
         for x, y in loader:
-            for img, label in zip(denormalize(x, *pipelines.NORMALIZATION["cifar10"]), y.tolist()):
+            info = pipelines.DATASETS["cifar10"]
+            for img, label in zip(denormalize(x, info.mean, info.std), y.tolist(), strict=True):
                 hit = table.get(img.tobytes())
                 assert hit is not None, "output is not a padded crop (or mirror) of any source image"
                 assert ytr[hit[0]] == label
@@ -262,7 +266,9 @@ def test_validation_is_deterministic_and_epochs_permute(cifar_data, backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # Training order: a function of (seed, epoch) only.
     train, again = (pipelines.build_loader("cifar10", "train", **kw) for _ in range(2))
-    ids = lambda ld: collect(ld)[1].tolist()
+    def ids(ld):
+        return collect(ld)[1].tolist()
+
     train.set_epoch(1)
     again.set_epoch(1)
     order1 = ids(train)
@@ -319,7 +325,7 @@ def test_shard_indices(n, batch, world, epoch):
 def test_two_ranks_cover_cifar_exactly_once(cifar_data, backend):
     """Training: the ranks' samples are disjoint, the same count each, whole batches; 203 // 2 = 101 per rank,
     floor(101 / 16) * 16 = 96, so 203 - 192 = 11 samples are dropped per epoch. Test: every id exactly once."""
-    norm = pipelines.NORMALIZATION["cifar10"]
+    norm = pipelines.DATASETS["cifar10"].mean, pipelines.DATASETS["cifar10"].std
     kw = {"data_dir": cifar_data["ids_root"], "batch_size": 16, "backend": backend, "world_size": 2, "seed": 7}
     for epoch in (0, 1):
         shards = []
@@ -352,7 +358,7 @@ def test_two_rank_validation_equals_one_rank(dataset, imagenet_root, dvs_root, t
     whole = collect(pipelines.build_loader(dataset, "test", **kw))
     parts = [pipelines.build_loader(dataset, "test", rank=r, world_size=2, **kw) for r in (0, 1)]
     assert sum(p.num_samples for p in parts) == parts[0].dataset_size == len(whole[1])
-    x, y = (torch.cat(t) for t in zip(*(collect(p) for p in parts)))
+    x, y = (torch.cat(t) for t in zip(*(collect(p) for p in parts), strict=True))
     torch.testing.assert_close(x, whole[0])
     assert torch.equal(y, whole[1])
 
@@ -491,7 +497,7 @@ def test_dvs_train_crop_is_shared_over_time_and_polarity(dvs_root, tmp_path):
     ds = loader.dataset
     idx = loader._indices()[:10]
     offsets = set()
-    for out, i, label in zip(x, idx, y.tolist()):
+    for out, i, label in zip(x, idx, y.tolist(), strict=True):
         full, k = ds[int(i)]
         assert k == label
         padded = F.pad(full, [cifar10dvs.PAD] * 4)
@@ -602,7 +608,8 @@ def test_cifar_on_cuda_matches_cpu(cifar_data, backend):
     train = pipelines.build_loader("cifar10", "train", device="cuda", **kw)
     table = _variants(cifar_data["train"][0], cifar.PAD)
     for x, _ in train:
-        assert all(img.tobytes() in table for img in denormalize(x.cpu(), *pipelines.NORMALIZATION["cifar10"]))
+        info = pipelines.DATASETS["cifar10"]
+        assert all(img.tobytes() in table for img in denormalize(x.cpu(), info.mean, info.std))
 
 
 @cuda

@@ -1,5 +1,5 @@
-"""train.py, glif2.config, glif2.optim, glif2.distributed: presets and flags, parameter groups and schedules, fail-fast
-errors, exact resume, atomic checkpoints under SIGKILL and SIGTERM, two-process DDP (gloo), and the digits run.
+"""train.py and glif2.train (config, optim, distributed, loop): presets and flags, parameter groups and schedules,
+fail-fast errors, exact resume, atomic checkpoints under SIGKILL and SIGTERM, two-process DDP (gloo), and the digits run.
 
 Shape letters: t steps, b batch, c channels, k classes.
 
@@ -22,15 +22,16 @@ import torch
 from einops import reduce, repeat
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import train
 from glif2.checkpoint import load_checkpoint, save_checkpoint
-from glif2.config import PRESETS, TrainConfig, parse_args
-from glif2.models import list_models, register_model
+from glif2.models.registry import list_models, register_model, unregister_model
 from glif2.neuron import GLIF
-from glif2.optim import build_scheduler, param_groups
+from glif2.train import cli, loop
+from glif2.train.cli import parse_args
+from glif2.train.config import PRESETS, TrainConfig
+from glif2.train.loop import StopReason
+from glif2.train.optim import build_scheduler, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = ["--compile", "none", "--T", "2", "--no-tensorboard", "--log-interval", "50"]
 
@@ -50,12 +51,17 @@ class Probe(nn.Module):
         return reduce(self.fc2(self.lif(x)), "t b k -> b k", "mean")
 
 
-if "ddp_probe" not in list_models():
+def ddp_probe(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 1, channel_wise: bool = True,
+              params: str = "learned", **neuron):
+    return Probe(num_classes, T, **neuron)
 
-    @register_model
-    def ddp_probe(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 1, channel_wise: bool = True,
-                  **neuron):
-        return Probe(num_classes, T, **neuron)
+
+@pytest.fixture
+def probe_model():
+    """The probe registered for the test only (the registry is global: nothing may leak into other tests)."""
+    register_model(ddp_probe)
+    yield
+    unregister_model("ddp_probe")
 
 
 @pytest.fixture
@@ -65,7 +71,7 @@ def restore_determinism():
 
 
 def run(tmp_path, *flags: str, name: str = "r") -> dict:
-    return train.main([*FAST, "--out-dir", str(tmp_path), "--name", name, *flags])
+    return cli.train_main([*FAST, "--out-dir", str(tmp_path), "--name", name, *flags])
 
 
 def state_equal(a: dict, b: dict) -> bool:
@@ -85,11 +91,11 @@ def test_presets_cover_the_reference_runs():
     r18 = TrainConfig.from_name("cifar100-resnet18-t4")
     assert (r18.dataset, r18.model, r18.T) == ("cifar100", "resnet18", 4)
     assert (r18.epochs, r18.batch_size, r18.lr, r18.weight_decay) == (200, 64, 0.1, 4e-5)
-    assert r18.randomgate and r18.tunable_lif and r18.gate_lr_divisor == 10 and r18.gates == "soft"
+    assert r18.randomgate and r18.tunable_lif and r18.gate_lr_divisor == 10 and r18.gate_mode == "soft"
     imnet = TrainConfig.from_name("imagenet-resnet18ms-t6")
-    assert imnet.gate_lr_divisor == 1 and imnet.sync_bn and imnet.model_options["bn"] == "plain"
+    assert imnet.gate_lr_divisor == 1 and imnet.sync_bn and loop.model_options(imnet)["bn"] == "plain"
     dvs = TrainConfig.from_name("cifar10dvs-sew7b-t16")
-    assert dvs.model_options["bn"] == "plain" and not dvs.randomgate  # the model draws its float64 gates itself
+    assert loop.model_options(dvs)["bn"] == "plain" and not dvs.randomgate  # the model draws its float64 gates itself
     assert (dvs.param_groups, dvs.weight_decay, dvs.t_max, dvs.epochs, dvs.lr, dvs.amp) == ("single", 0.0, 64, 200,
                                                                                              0.01, True)
 
@@ -133,7 +139,7 @@ def test_schedules():
     assert soft[0] == 0.01 and soft[5] == pytest.approx(0.005) and soft[10:] == [0.0] * 4  # no rise after T_max
     assert soft[:10] == pytest.approx(lrs("cosine", 10), abs=1e-12)
     dvs = lrs("cosine", 200, t_max=64)
-    for e in (0, 64, 128, 168):  # TRAINING.md §12: lr(e) = 0.005 (1 + cos(pi e / 64))
+    for e in (0, 64, 128, 168):  # docs/training.md §3.3: lr(e) = 0.005 (1 + cos(pi e / 64))
         assert dvs[e] == pytest.approx(0.005 * (1 + math.cos(math.pi * e / 64)), abs=1e-9)
 
 
@@ -143,10 +149,10 @@ def test_schedules():
 @pytest.mark.parametrize(
     "flags, env, message",
     [
-        (["--preset", "cifar10-resnet99-t4"], {}, "unknown preset"),
+        (["--preset", "cifar10-resnet99-t4"], {}, "invalid choice: 'cifar10-resnet99-t4'"),
         (["--preset", "cifar10-resnet19-t4", "--data-dir", "/nonexistent/cifar"], {}, "does not exist"),
         (["--batch-size", "63"], {"WORLD_SIZE": "2"}, "does not divide over 2 ranks"),
-        (["--compile", "fast"], {}, "compile='fast'"),
+        (["--compile", "fast"], {}, "invalid choice: 'fast'"),
     ],
     ids=["preset", "data-folder", "batch-over-ranks", "compile-mode"],
 )
@@ -155,7 +161,7 @@ def test_bad_input_fails_fast(tmp_path, monkeypatch, capsys, flags, env, message
         monkeypatch.setenv(k, v)
     start = time.perf_counter()
     with pytest.raises(SystemExit) as e:
-        train.main([*flags, "--out-dir", str(tmp_path)])
+        cli.train_main([*flags, "--out-dir", str(tmp_path)])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert time.perf_counter() - start < 5 and not any(tmp_path.iterdir())  # nothing built, nothing written
@@ -177,13 +183,13 @@ def test_resume_mid_epoch_is_bitwise(tmp_path, restore_determinism):
     flags = ["--epochs", "2", "--deterministic"]
     full = run(tmp_path, *flags, name="full")
     stopped = run(tmp_path, *flags, "--max-steps", "30", name="split")  # 22 steps per epoch: stops in epoch 2
-    assert (stopped["stopped"], stopped["step"], stopped["epoch"]) == ("max_steps", 30, 1)
+    assert (stopped["stopped"], stopped["step"], stopped["epoch"]) == (StopReason.MAX_STEPS, 30, 1)
     assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 30
     resumed = run(tmp_path, *flags, "--resume", "auto", name="split")
     assert (resumed["step"], resumed["epoch"]) == (full["step"], full["epoch"]) == (44, 2)
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert state_equal(a["model"], b["model"])
-    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
     assert a["scheduler"] == b["scheduler"] and a["best_acc"] == b["best_acc"]
     epochs = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
@@ -221,13 +227,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
     run(tmp_path, "--epochs", "1")
     last = tmp_path / "r" / "last.pt"
     before = last.read_bytes()
-    forward = train.Objective.forward
+    forward = loop.Objective.forward
 
     def poisoned(self, x, y):
         loss, logits = forward(self, x, y)
         return loss * float("nan"), logits
 
-    monkeypatch.setattr(train.Objective, "forward", poisoned)
+    monkeypatch.setattr(loop.Objective, "forward", poisoned)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--epochs", "2", "--resume", "auto")
     assert e.value.code == 1
@@ -267,17 +273,19 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, flags: list[str]) ->
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = train.main([*flags, "--out-dir", out, "--name", f"ddp{world}"])
+    if "ddp_probe" not in list_models():  # a spawned process starts with a fresh registry
+        register_model(ddp_probe)
+    result = cli.train_main([*flags, "--out-dir", out, "--name", f"ddp{world}"])
     torch.save({k: v.detach().clone() for k, v in result["model"].state_dict().items()}, f"{out}/rank{rank}.pt")
 
 
-def test_ddp_two_processes_match_one(tmp_path):
+def test_ddp_two_processes_match_one(tmp_path, probe_model):
     import torch.multiprocessing as mp
 
     flags = [*FAST, "--model", "ddp_probe", "--batch-size", "64", "--eval-batch-size", "64", "--max-steps", "6",
              "--lr", "0.5", "--device", "cpu"]
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), flags), nprocs=2, join=True)
-    single = train.main([*flags, "--out-dir", str(tmp_path), "--name", "single"])["model"].state_dict()
+    single = cli.train_main([*flags, "--out-dir", str(tmp_path), "--name", "single"])["model"].state_dict()
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert state_equal(r0, r1)  # every rank holds the same parameters
     start = load_checkpoint(tmp_path / "ddp2" / "last.pt")
@@ -290,11 +298,9 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def test_default_run_reaches_accuracy_and_eval_agrees(tmp_path):
-    import eval as eval_script
-
     result = run(tmp_path, "--epochs", "4", name="digits")
     assert result["best_acc"] >= 85.0
     best = tmp_path / "digits" / "best.pt"
-    row = eval_script.main(["--checkpoint", str(best)])[0]
+    row = cli.eval_main(["--checkpoint", str(best)])[0]
     assert row["top1"] == pytest.approx(load_checkpoint(best)["test_acc"], abs=1e-9)
     assert row["dataset"] == "digits" and row["T"] == 2

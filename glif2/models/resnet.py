@@ -1,5 +1,5 @@
 """The paper's static-image networks: CIFAR ResNet-18/19 and CIFARNet, ImageNet ResNet-34 and ResNet-18MS/34MS,
-plus a small digits net for the CPU demo. Layer by layer as ARCHITECTURES.md §1-§4.
+plus a small digits net for the CPU demo. Layer by layer as docs/networks.md §1-§3 and §5.
 
 Shape letters: t steps, b batch, c channels, h w space, k classes.
 
@@ -15,11 +15,10 @@ from collections.abc import Callable
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from glif2.layers import TimeMerged, tdBatchNorm
-from glif2.models import neuron_factory, register_model
+from glif2.layers import TimeMerged, neuron_factory, norm_factory
+from glif2.models.registry import register_model
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)  # the tdBN scale of every residual sum's two inputs
-BN_KINDS = ("td", "plain")
 HEADS = ("auto", "linear", "two_linear")
 
 Neuron = Callable[[int], nn.Module]
@@ -28,29 +27,22 @@ Norm = Callable[..., nn.Module]
 # helpers
 
 
-def norm_factory(bn: str) -> Norm:
-    """`norm(c, alpha=1.0)`: tdBN (alpha * v_th scaled) or plain BatchNorm2d (the released ImageNet model)."""
-    if bn == "td":
-        return lambda c, alpha=1.0: tdBatchNorm(c, alpha=alpha)
-    if bn == "plain":
-        return lambda c, alpha=1.0: nn.BatchNorm2d(c)
-    raise ValueError(f"bn={bn!r}; choose one of {BN_KINDS}")
-
-
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, padding: int, norm: Norm, alpha: float = 1.0):
     """`t b c h w -> t b c' h' w'`: bias-free conv then BN, on the time-merged batch (keys `.0.weight`, `.1.*`)."""
     return TimeMerged(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False), norm(c_out, alpha))
 
 
 def shortcut(c_in: int, c_out: int, stride: int, norm: Norm) -> nn.Module:
-    """The residual branch: a BN(1/sqrt 2) of the input when shapes match, else 1x1 conv (stride) + BN(1/sqrt 2)."""
+    """The residual branch: a BN(1/sqrt 2) of the input when shapes match, else 1x1 conv (stride) + BN(1/sqrt 2).
+    Blocks keep it under the reference's name `downsample` (checkpoint keys), although the BN-only form does not
+    downsample."""
     if c_in == c_out and stride == 1:
         return TimeMerged(norm(c_out, SQRT1_2))  # key `downsample.0.*`
     return nn.Sequential(conv_bn(c_in, c_out, 1, stride, 0, norm, SQRT1_2))  # keys `downsample.0.{0,1}.*`
 
 
 def init_weights(model: nn.Module) -> None:
-    """The reference's `_initialize_weights` (ARCHITECTURES.md §1.3); GLIF parameters keep their own init."""
+    """The reference's `_initialize_weights` (docs/networks.md §1.3); GLIF parameters keep their own init."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -87,8 +79,8 @@ class BasicBlock(nn.Module):
             neuron(c_out),
             conv_bn(c_out, c_out, 3, 1, 1, norm, SQRT1_2),
         )
-        self.downsample = shortcut(c_in, c_out, stride, norm)
-        self.lif = neuron(c_out)
+        self.downsample = shortcut(c_in, c_out, stride, norm)  # named as in the reference's checkpoints
+        self.lif = neuron(c_out)  # the block's output neuron; `lif` is the reference's key name
 
     def forward(self, x: Tensor) -> Tensor:
         return self.lif(self.body(x) + self.downsample(x))
@@ -148,12 +140,12 @@ class SpikingResNet(nn.Module):
         kernel, stride, padding = stem
         self.conv1 = nn.Sequential(conv_bn(in_channels, widths[0], kernel, stride, padding, norm), neuron(widths[0]))
         blocks, c_in = [], widths[0]
-        for c_out, n, s in zip(widths[1:], repeats, strides):
+        for c_out, n, s in zip(widths[1:], repeats, strides, strict=True):
             for i in range(n):
                 blocks.append(block(c_in, c_out, s if i == 0 else 1, neuron=neuron, norm=norm))
                 c_in = c_out
         self.features = nn.ModuleList(blocks)
-        self.lastave = head(c_in, num_classes, two_linear)
+        self.lastave = head(c_in, num_classes, two_linear)  # the head; `lastave` is the reference's key name
         init_weights(self)
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -249,7 +241,7 @@ class GLIFNetSmall(nn.Module):
             conv_bn(c2, c3, 3, 1, 1, norm),
             neuron(c3),
         )
-        self.lastave = nn.Sequential(nn.Linear(c3, num_classes, bias=False))
+        self.lastave = nn.Sequential(nn.Linear(c3, num_classes, bias=False))  # named like the ResNets' head
         init_weights(self)
         nn.init.normal_(self.lastave[0].weight, 0.0, 1.0 / math.sqrt(c3))  # 0.01 would start too slowly here
 
@@ -287,7 +279,7 @@ def _resnet(num_classes, T, *, bn, in_channels, neuron_options, **arch) -> Spiki
 
 
 # entrypoints. Every one takes `bn` ("td" | "plain"), `in_channels`, and the GLIF options (channel_wise=True,
-# variant, gates, gate, tau, v_th, leak, v_reset, conduct, surrogate, surrogate_width, eager).
+# variant, gate_mode, gate_init, params, tau, v_th, leak, v_reset, conduct, surrogate, surrogate_width, eager).
 # `head`: "auto" follows the reference (two linears for <= 50 classes in the channel-wise GLIF CIFAR nets and the
 # MS nets; one linear otherwise), "linear" or "two_linear" force one.
 
@@ -297,7 +289,7 @@ _IMAGENET_STEM = (7, 2, 1)  # padding 1, not 3, and no max-pool: 224 -> 110
 
 @register_model
 def resnet18(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
-    """CIFAR "stand18": strides [1, 1, 2, 2] (the 128 stage does not downsample), ARCHITECTURES.md §3.1."""
+    """CIFAR "stand18": strides [1, 1, 2, 2] (the 128 stage does not downsample), docs/networks.md §2.1."""
     cw_glif = neuron.get("channel_wise", True) and neuron.get("variant", "glif") == "glif"
     return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
                    block=BasicBlock, repeats=(2, 2, 2, 2), strides=(1, 1, 2, 2), widths=(64, 64, 128, 256, 512),
@@ -306,7 +298,7 @@ def resnet18(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in
 
 @register_model
 def resnet19(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
-    """CIFAR ResNet-19: stem 128, stages [3, 3, 2] x 128/256/512, strides [1, 2, 2], §3.2."""
+    """CIFAR ResNet-19: stem 128, stages [3, 3, 2] x 128/256/512, strides [1, 2, 2], docs/networks.md §2.2."""
     glif = neuron.get("variant", "glif") == "glif"
     return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
                    block=BasicBlock, repeats=(3, 3, 2), strides=(1, 2, 2), widths=(128, 128, 256, 512),
@@ -315,7 +307,7 @@ def resnet19(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in
 
 @register_model
 def resnet34(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
-    """ImageNet ResNet-34 "stand": 7x7/2 stem (padding 1), stages [3, 4, 6, 3] all stride 2, §4.2."""
+    """ImageNet ResNet-34 "stand": 7x7/2 stem (padding 1), stages [3, 4, 6, 3] all stride 2, docs/networks.md §3.1."""
     return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
                    block=BasicBlock, repeats=(3, 4, 6, 3), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
                    stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, False))
@@ -324,7 +316,7 @@ def resnet34(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in
 @register_model
 def resnet18ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
     """ImageNet ResNet-18MS (membrane shortcut), stages [2, 2, 2, 2] all stride 2, §4.1. The released model
-    was trained with plain BN: load it with bn="plain"."""
+    was trained with plain BN: load it with bn="plain". docs/networks.md §3.2."""
     return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
                    block=MSBlock, repeats=(2, 2, 2, 2), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
                    stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, True))
@@ -332,7 +324,7 @@ def resnet18ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", 
 
 @register_model
 def resnet34ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
-    """ImageNet ResNet-34MS (membrane shortcut), stages [3, 4, 6, 3] all stride 2, §4.1."""
+    """ImageNet ResNet-34MS (membrane shortcut), stages [3, 4, 6, 3] all stride 2, docs/networks.md §3.2."""
     return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
                    block=MSBlock, repeats=(3, 4, 6, 3), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
                    stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, True))
@@ -340,7 +332,7 @@ def resnet34ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", 
 
 @register_model
 def cifarnet(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 3, input_size: int = 32, **neuron):
-    """CIFARNet, §3.3 (~45.0 M parameters at 32x32)."""
+    """CIFARNet, docs/networks.md §2.3 (~45.0 M parameters at 32x32)."""
     return CIFARNet(num_classes=num_classes, T=T, neuron=neuron_factory(T, **neuron), norm=norm_factory(bn),
                     in_channels=in_channels, input_size=input_size)
 
@@ -352,4 +344,4 @@ def glifnet_small(num_classes: int, T: int, *, bn: str = "td", in_channels: int 
                         in_channels=in_channels)
 
 
-__all__ = ["BasicBlock", "CIFARNet", "GLIFNetSmall", "MSBlock", "SpikingResNet", "conv_bn", "norm_factory"]
+__all__ = ["BasicBlock", "CIFARNet", "GLIFNetSmall", "MSBlock", "SpikingResNet", "conv_bn"]

@@ -1,4 +1,4 @@
-"""The CIFAR10-DVS 7B-wideNet: a spike-element-wise (SEW) ResNet with GLIF neurons, ARCHITECTURES.md §5.
+"""The CIFAR10-DVS 7B-wideNet: a spike-element-wise (SEW) ResNet with GLIF neurons, docs/networks.md §4.
 
 Shape letters: t steps, b batch, c channels (2 polarities at the input), h w space (48 x 48), k classes.
 
@@ -8,7 +8,7 @@ A unit is conv (no bias) + plain BatchNorm2d on the time-merged batch, then a ch
 two 3x3 units and a connect function g(conv(x), x): ADD (the paper's run, block outputs are spike counts, not
 re-spiked), AND, or IAND.
 
-Neuron init (GLIF.md §8): tau 0.5, v_th = v_reset = 0.99999, leak 0.0312497, conduct 0.9, and gates drawn from
+Neuron init (docs/neuron.md §8): tau 0.5, v_th = v_reset = 0.99999, leak 0.0312497, conduct 0.9, and gates drawn from
 U(-0.1, 0.1) as float64 parameters (the reference's numpy-made gates; float64 gates make the membrane float64).
 """
 
@@ -18,9 +18,9 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from glif2.layers import TimeMerged
-from glif2.models import neuron_factory, register_model
-from glif2.models.resnet import norm_factory
+from glif2.layers import TimeMerged, neuron_factory, norm_factory
+from glif2.models.registry import register_model
+from glif2.neuron import randomize_gates
 
 CONNECTS = ("ADD", "AND", "IAND")
 DVS_NEURON = {"tau": 0.5, "v_th": 0.99999, "leak": 0.0312497, "v_reset": 0.99999, "conduct": 0.9}
@@ -113,24 +113,13 @@ class SEWResNetGLIF(nn.Module):
         return self.out(reduce(self.forward_features(x), "t b f -> b f", "mean"))
 
 
-@torch.no_grad()
-def random_gates_(model: nn.Module, dtype: torch.dtype, generator: torch.Generator | None = None) -> None:
-    """Replaces every GLIF's alpha/beta/gamma with U(-0.1, 0.1) logits of `dtype` (registration order kept)."""
-    for m in model.modules():
-        if all(isinstance(getattr(m, name, None), nn.Parameter) for name in ("alpha", "beta", "gamma")):
-            for name in ("alpha", "beta", "gamma"):
-                old = getattr(m, name)
-                new = torch.empty(old.shape, dtype=dtype).uniform_(-0.1, 0.1, generator=generator)
-                setattr(m, name, nn.Parameter(new))
-
-
-@register_model
+@register_model(inputs="frames")
 def sew7b_wide(num_classes: int, T: int, *, connect: str = "ADD", bn: str = "plain", random_gates: bool = True,
                gate_dtype: str = "float64", input_size: int = 48, in_channels: int = 2, **neuron):
     """CIFAR10-DVS 7B-wideNet (1,236,298 parameters at T=16, 10 classes).
 
     `random_gates` draws the gates from U(-0.1, 0.1) (the reference always does; False keeps the `gate` init);
-    `gate_dtype` "float64" (the reference) or "float32". GLIF options default to the DVS values (GLIF.md §8).
+    `gate_dtype` "float64" (the reference) or "float32". GLIF options default to the DVS values (docs/neuron.md §8).
     """
     if gate_dtype not in ("float64", "float32"):
         raise ValueError(f"gate_dtype={gate_dtype!r}; choose 'float64' (reference) or 'float32'")
@@ -139,14 +128,14 @@ def sew7b_wide(num_classes: int, T: int, *, connect: str = "ADD", bn: str = "pla
                           norm=norm_factory(bn))
     dtype = getattr(torch, gate_dtype)
     if random_gates:
-        random_gates_(model, dtype)
-    else:
+        randomize_gates(model, dtype=dtype)
+    else:  # keep the gate_init values, in the gate dtype
         for m in model.modules():
             for name in ("alpha", "beta", "gamma"):
                 p = getattr(m, name, None)
                 if isinstance(p, nn.Parameter) and p.dtype != dtype:
-                    setattr(m, name, nn.Parameter(p.detach().to(dtype)))
+                    setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))
     return model
 
 
-__all__ = ["SEWBlock", "SEWResNetGLIF", "random_gates_"]
+__all__ = ["SEWBlock", "SEWResNetGLIF"]

@@ -1,4 +1,4 @@
-"""The reference's optimisation (TRAINING.md §5-§6): SGD parameter groups by name, and its cosine schedules.
+"""The reference's optimisation (docs/training.md §2): SGD parameter groups by name, and its cosine schedules.
 
 Groups are chosen by the last component of a parameter's name:
 - gates ("choice"): alpha, beta, gamma;
@@ -24,7 +24,7 @@ NEURON_NAMES = ("tau", "v_th", "leak", "conduct", "v_reset")
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, mode: str = "glif", tunable_lif: bool = False,
                  gate_lr_divisor: float = 10.0) -> list[dict]:
-    """SGD parameter groups as TRAINING.md §5 (each group also carries a `name`)."""
+    """SGD parameter groups as docs/training.md §2 (each group also carries a `name`)."""
     if mode == "single":
         return [dict(name="all", params=[p for p in model.parameters()], lr=lr, weight_decay=weight_decay)]
     if mode != "glif":

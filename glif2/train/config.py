@@ -1,9 +1,10 @@
-"""Training configuration: one dataclass, named presets that reproduce the paper's runs, flags derived from the fields.
+"""Training configuration: one dataclass, and named presets that reproduce the paper's runs (the command line is
+derived from the fields in glif2.train.cli).
 
-    cfg = TrainConfig.from_name("cifar10-resnet19-t4")          # a preset
-    cfg = parse_args(["--preset", "digits", "--epochs", "3"])   # a preset, then flags override single fields
+    cfg = TrainConfig.from_name("cifar10-resnet19-t4")             # a preset
+    cfg = TrainConfig.from_name("digits", epochs=3, lr=0.05)       # a preset with fields overridden
 
-Presets (TRAINING.md §11-§12): the README's CIFAR commands (`--soft-mode --channel-wise --randomgate --tunable-lif`,
+Presets (docs/training.md §1): the README's CIFAR commands (`--soft-mode --channel-wise --randomgate --tunable-lif`,
 SGD 0.9, lr 0.1, wd 4e-5 off the GLIF parameters, gates at lr/10, cosine over the epochs, batch 64, seed 9),
 ResNet-19 with the same recipe (the README gives no ResNet-19 command), ImageNet ResNet-18MS (DDP + SyncBN, gates
 at lr/1, 150 epochs) and the CIFAR10-DVS 7B-wideNet (one parameter group without weight decay, lr 0.01, periodic
@@ -13,18 +14,34 @@ cosine with T_max 64 over 200 epochs, AMP). `digits` is the CPU demo and the def
 `--batch-size` was per process, so its multi-GPU ImageNet run is written here as 50 x the GPU count.
 """
 
-import argparse
 import dataclasses
-import types
-import typing
+import math
 from dataclasses import dataclass
 from typing import Any
 
-COMPILE_CHOICES = ("auto", "none", "default", "max-autotune", "reduce-overhead")
-SCHEDULERS = ("auto", "cosine", "soft-cosine")
-PARAM_GROUPS = ("glif", "single")
-DATASETS = ("cifar10", "cifar100", "imagenet", "cifar10dvs", "digits")
-AMP_DTYPES = ("bfloat16", "float16")
+from glif2.checkpoint import CHECKPOINT_SUFFIXES
+from glif2.errors import ConfigError
+from glif2.layers import BN_KINDS
+from glif2.models import list_models
+from glif2.neuron import GATE_MODES, PARAM_MODES, VARIANTS
+from pipelines import BACKENDS, DATASETS
+
+# The allowed values of every choice field (validation and the command line's `--flag {a,b,...}` both read this).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": tuple(DATASETS),
+    "backend": BACKENDS,
+    "gate_mode": GATE_MODES,
+    "variant": VARIANTS,
+    "params": PARAM_MODES,
+    "bn": BN_KINDS,
+    "param_groups": ("glif", "single"),
+    "scheduler": ("auto", "cosine", "soft-cosine"),
+    "amp_dtype": ("bfloat16", "float16"),
+    "compile": ("auto", "none", "default", "max-autotune", "reduce-overhead"),
+    "device": ("auto", "cpu", "cuda"),
+}
+# Fields renamed since checkpoints were first written: old name -> new name (configs stored under the old name load).
+RENAMED = {"gates": "gate_mode"}
 
 
 @dataclass(kw_only=True)
@@ -34,7 +51,7 @@ class TrainConfig:
     name: str = "digits"
     """Run name (the reference's --modeltag): outputs go to `<out_dir>/<name>/`."""
     dataset: str = "digits"
-    """One of cifar10, cifar100, imagenet, cifar10dvs, digits."""
+    """The dataset (its classes, input channels and size come from pipelines.DATASETS)."""
     data_dir: str = "data"
     """Dataset root (unused by digits)."""
     download: bool = False
@@ -49,14 +66,16 @@ class TrainConfig:
     """Time steps (the DVS frames per recording)."""
     channel_wise: bool = True
     """Channel-wise GLIF parameters (all released models); False: one value per layer."""
-    gates: str = "soft"
+    gate_mode: str = "soft"
     """Gate mode: soft (the README's --soft-mode), hard, static_soft, static_hard."""
     variant: str = "glif"
     """glif, or glif_f (the gate-free ablation, --softsimple)."""
+    params: str = "learned"
+    """learned, or static: tau, v_th, leak, v_reset and conduct fixed at their initial values (--static-param)."""
     bn: str = "td"
-    """td (tdBN) or plain BatchNorm (what SyncBN training really runs, GLIF.md Q12)."""
+    """td (tdBN) or plain BatchNorm (what SyncBN training really runs, docs/training.md §6)."""
     randomgate: bool = False
-    """Re-draw every alpha/beta/gamma logit from U(-0.1, 0.1) after construction (GLIF.md §6)."""
+    """Re-draw every alpha/beta/gamma logit from U(-0.1, 0.1) after construction (docs/neuron.md §3.4)."""
     epochs: int = 200
     """Training epochs (and the cosine length unless t_max is set)."""
     batch_size: int = 64
@@ -70,9 +89,9 @@ class TrainConfig:
     weight_decay: float = 4e-5
     """Weight decay of the non-GLIF parameters (conv, BN, linear); GLIF parameters never decay in `glif` groups."""
     param_groups: str = "glif"
-    """glif: parameter groups by name as TRAINING.md §5; single: one group for everything (the DVS script)."""
+    """glif: parameter groups by name (docs/training.md §2); single: one group for everything (the DVS script)."""
     tunable_lif: bool = False
-    """Three groups (other, neuron, gates) with the gates at lr / gate_lr_divisor (TRAINING.md §5)."""
+    """Three groups (other, neuron, gates) with the gates at lr / gate_lr_divisor (docs/training.md §2)."""
     gate_lr_divisor: float = 10.0
     """Gate learning-rate divisor with tunable_lif: 10 on CIFAR, 1 on ImageNet."""
     scheduler: str = "auto"
@@ -87,8 +106,8 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     """bfloat16 or float16."""
     sync_bn: bool = False
-    """SyncBatchNorm across ranks. It makes every BN plain (no tdBN alpha*V_th scale, GLIF.md Q12): the model is then
-    built with bn=plain so that its checkpoint says what was trained."""
+    """SyncBatchNorm across ranks. It makes every BN plain (no tdBN alpha*V_th scale, docs/training.md §6): the model
+    is then built with bn=plain so that its checkpoint says what was trained."""
     compile: str = "auto"
     """auto (reduce-overhead, i.e. CUDA graphs, on CUDA; default on CPU), none, default, max-autotune,
     reduce-overhead."""
@@ -120,46 +139,44 @@ class TrainConfig:
         return f"{self.out_dir}/{self.name}"
 
     def validate(self) -> None:
-        """Raises ValueError for values no run can use (things that need the world size are checked by train.py)."""
-
-        def choice(name: str, options: tuple[str, ...]) -> None:
+        """Raises ConfigError, naming the field, for values no run can use (things that need the world size or the
+        data are checked when the run starts)."""
+        for name, options in {**CHOICES, "model": tuple(list_models())}.items():
             if getattr(self, name) not in options:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(options)}")
-
-        choice("dataset", DATASETS)
-        choice("compile", COMPILE_CHOICES)
-        choice("scheduler", SCHEDULERS)
-        choice("param_groups", PARAM_GROUPS)
-        choice("amp_dtype", AMP_DTYPES)
-        choice("backend", ("auto", "dali", "torch"))
-        choice("device", ("auto", "cpu", "cuda"))
+                raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(options)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}={value} must be a finite number")
         for name in ("T", "epochs", "batch_size", "log_interval"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         for name in ("eval_batch_size", "t_max", "max_steps", "num_workers", "threads"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.lr <= 0 or self.gate_lr_divisor <= 0:
-            raise ValueError(f"lr={self.lr} and gate_lr_divisor={self.gate_lr_divisor} must be positive")
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+        if self.gate_lr_divisor <= 0:
+            raise ConfigError(f"gate_lr_divisor={self.gate_lr_divisor} must be positive (the gates learn at "
+                              "lr / gate_lr_divisor)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum={self.momentum} must lie in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={self.label_smoothing} must lie in [0, 1)")
-        if self.resume not in ("", "auto") and not self.resume.endswith((".pt", ".pth", ".tar", ".ckpt")):
-            raise ValueError(f"resume={self.resume!r}: '' (fresh), 'auto', or a checkpoint file (.pt)")
-
-    @property
-    def model_options(self) -> dict[str, Any]:
-        """Options for glif2.create_model (the GLIF options reach every neuron)."""
-        options = dict(channel_wise=self.channel_wise, gates=self.gates, variant=self.variant,
-                       bn="plain" if self.sync_bn else self.bn)
-        if self.dataset == "digits":
-            options["in_channels"] = 1
-        return options
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        if self.resume not in ("", "auto") and not self.resume.endswith(CHECKPOINT_SUFFIXES):
+            raise ConfigError(f"resume={self.resume!r}: '' (fresh), 'auto', or a checkpoint file "
+                              f"({', '.join(CHECKPOINT_SUFFIXES)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from a stored dict (a checkpoint's `config`); renamed fields are read under their new names,
+        fields this version does not know are ignored."""
+        values = {RENAMED.get(k, k): v for k, v in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -167,20 +184,20 @@ class TrainConfig:
     def from_name(cls, preset: str, /, **overrides: Any) -> "TrainConfig":
         """The named preset (see PRESETS; the run is named after it unless `name` is given), with `overrides`."""
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         return cls(**{"name": preset, **PRESETS[preset], **overrides})
 
 
 # presets
 
 # The README's CIFAR command: --soft-mode --channel-wise --randomgate --tunable-lif, lr 0.1, batch 64, 200 epochs.
-_README_CIFAR = dict(epochs=200, batch_size=64, lr=0.1, weight_decay=4e-5, gates="soft", channel_wise=True,
+_README_CIFAR = dict(epochs=200, batch_size=64, lr=0.1, weight_decay=4e-5, gate_mode="soft", channel_wise=True,
                      randomgate=True, tunable_lif=True, gate_lr_divisor=10.0, scheduler="soft-cosine", seed=9)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The CPU demo: the README recipe on a small net and the embedded digits, one CPU thread; ~1-2 minutes.
     "digits": dict(dataset="digits", model="glifnet_small", T=2, epochs=15, batch_size=64, eval_batch_size=360,
-                   lr=0.1, weight_decay=4e-5, gates="soft", channel_wise=True, randomgate=True, tunable_lif=True,
+                   lr=0.1, weight_decay=4e-5, gate_mode="soft", channel_wise=True, randomgate=True, tunable_lif=True,
                    gate_lr_divisor=10.0, scheduler="soft-cosine", seed=9, log_interval=5, threads=1),
 }
 for _k in (10, 100):
@@ -190,9 +207,9 @@ for _k in (10, 100):
 # torch.distributed.run --nproc_per_node N ... --batch-size 50 (per GPU) --MS18 --imagenet, T 6; DDP + SyncBN turns
 # tdBN into plain BN, and the gates learn at lr / 1. Written for 8 GPUs: pass --batch-size 50N for N.
 PRESETS["imagenet-resnet18ms-t6"] = dict(dataset="imagenet", model="resnet18ms", T=6, epochs=150, batch_size=400,
-                                         lr=0.1, weight_decay=4e-5, gates="soft", channel_wise=True, randomgate=True,
-                                         tunable_lif=True, gate_lr_divisor=1.0, scheduler="soft-cosine",
-                                         bn="plain", sync_bn=True, seed=9)
+                                         lr=0.1, weight_decay=4e-5, gate_mode="soft", channel_wise=True,
+                                         randomgate=True, tunable_lif=True, gate_lr_divisor=1.0,
+                                         scheduler="soft-cosine", bn="plain", sync_bn=True, seed=9)
 # cifar10dvs/train.py --dsr_da -amp -model SEWResNet_GLIF_dsr -cnf ADD -epochs 200 -T_max 64 -T 16 -lr 0.01 -b 32:
 # one SGD group over everything, no weight decay, PyTorch cosine with T_max 64 (periodic over 200 epochs), plain BN. The
 # model draws its float64 gates from U(-0.1, 0.1) itself.
@@ -202,77 +219,4 @@ PRESETS["cifar10dvs-sew7b-t16"] = dict(dataset="cifar10dvs", model="sew7b_wide",
 DEFAULT_PRESET = "digits"
 
 
-# command line
-
-
-def _flag_type(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _field_docs() -> dict[str, str]:
-    # The docstring line under each field, read from the source (stdlib only).
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(TrainConfig)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """--preset plus one flag per TrainConfig field (`--batch-size`, `--amp` / `--no-amp`, ...), defaults unset so
-    that only the flags given override the preset."""
-    parser = argparse.ArgumentParser(
-        description="Train a GLIF network (single process, or under torchrun for DDP). Flags override the preset's "
-        "values; --list-presets shows them.",
-    )
-    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"named preset: {', '.join(PRESETS)}")
-    parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
-    docs = _field_docs()
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp = _flag_type(hints[f.name])
-        help_text = docs.get(f.name, "")
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=tp, default=None, help=help_text, metavar=f.name.upper())
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The preset named by --preset (default `digits`) with every flag given applied on top."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.list_presets:
-        for name, values in PRESETS.items():
-            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-        raise SystemExit(0)
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "list_presets")}
-    return TrainConfig.from_name(args.preset, **overrides)
-
-
-def format_config(cfg: TrainConfig) -> str:
-    """One `field = value` line per field, for the log."""
-    width = max(len(f.name) for f in dataclasses.fields(cfg))
-    return "\n".join(f"  {f.name:<{width}} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg))
-
-
-__all__ = ["DEFAULT_PRESET", "PRESETS", "TrainConfig", "build_parser", "format_config", "parse_args"]
+__all__ = ["CHOICES", "DEFAULT_PRESET", "PRESETS", "RENAMED", "TrainConfig"]

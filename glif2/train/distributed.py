@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from glif2.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -42,7 +44,7 @@ def init(device: str = "auto") -> DistInfo:
     rank, local_rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), env_world_size()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device=cuda but CUDA is not available; use --device cpu or auto")
+        raise ConfigError("device=cuda but CUDA is not available; use --device cpu or auto")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -71,19 +73,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, in place (identity in a single process)."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Max over ranks, in place (identity in a single process)."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (identity in a single process); `obj` must pickle."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
@@ -96,5 +92,5 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistInfo", "all_reduce_max", "all_reduce_mean", "all_reduce_sum", "barrier", "destroy", "env_world_size",
-           "init", "is_main", "print0"]
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "destroy", "env_world_size", "init", "is_main",
+           "print0"]

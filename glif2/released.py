@@ -1,0 +1,196 @@
+"""The authors' released checkpoints: one table of their files, the key map from their names to ours, and the
+shape inference used only for files the table does not know. docs/networks.md §7-§8.
+
+Shape letters: t steps, c channels, k classes.
+
+Their files hold a state dict under `state_dict` (CIFAR, ImageNet) or `net` (CIFAR10-DVS). Keys go through
+`clean_state_dict` (DDP's `module.`), old SpikingJelly container naming is folded into the new one, and the
+neuron / tdBN leaf names map through REFERENCE_KEYS. Loading itself (a strict load with one error listing every
+key that does not fit) is `glif2.checkpoint.load_reference_checkpoint`.
+"""
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from glif2.errors import CheckpointError
+
+# The reference's neuron and tdBN leaf names -> ours. BN's weight/bias/running_* and conv and linear weights keep
+# their names.
+REFERENCE_KEYS = {
+    "alpha": "alpha",
+    "beta": "beta",
+    "gamma": "gamma",
+    "tau": "tau",
+    "Vth": "v_th",  # GLIF threshold, and tdBN's fixed-threshold buffer
+    "leak": "leak",
+    "reVth": "v_reset",
+    "conduct": "conduct",
+}
+
+
+@dataclass(frozen=True)
+class ReleasedFile:
+    """What one released file holds: the model to build for it and where its state dict sits."""
+
+    arch: str
+    num_classes: int
+    T: int
+    dataset: str
+    bn: str = "td"  # "plain": trained under SyncBN, which dropped tdBN's scale (docs/neuron.md §6)
+    container: str = "state_dict"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _cifar(arch: str, k: int, t: int) -> ReleasedFile:
+    return ReleasedFile(arch, k, t, f"cifar{k}")
+
+
+_DVS = ReleasedFile("sew7b_wide", 10, 16, "cifar10dvs", bn="plain", container="net",
+                    options={"gate_dtype": "float64"})
+
+# file stem -> contents. The CIFAR files are named <net>-CIFAR<k>-step<T>-CW.pth.tar; the ImageNet file was saved
+# from DDP (keys start with `module.`); the three CIFAR10-DVS files are snapshots of one run.
+RELEASED: dict[str, ReleasedFile] = {
+    **{f"resCifar18stand-CIFAR{k}-step{t}-CW": _cifar("resnet18", k, t) for k in (10, 100) for t in (2, 4, 6)},
+    **{f"resCifar19-CIFAR{k}-step{t}-CW": _cifar("resnet19", k, t) for k in (10, 100) for t in (2, 4, 6)},
+    "resnet18MS-ImageNet-step6": ReleasedFile("resnet18ms", 1000, 6, "imagenet", bn="plain"),
+    "checkpoint_max": _DVS,
+    "checkpoint_max-1": _DVS,
+    "checkpoint_max_newest": _DVS,
+}
+
+_SUFFIXES = re.compile(r"(\.pth\.tar|\.pth|\.tar|\.pt|\.ckpt)$")
+
+
+def released_file(path: str | Path) -> tuple[str, ReleasedFile] | None:
+    """(stem, entry) of the released file `path` is, by name: the exact stem, else the longest table stem the name
+    contains (the authors' own loader also matched names by substring). None when the name says nothing."""
+    stem = _SUFFIXES.sub("", Path(path).name)
+    if stem in RELEASED:
+        return stem, RELEASED[stem]
+    found = [s for s in RELEASED if s in stem]
+    return (max(found, key=len), RELEASED[max(found, key=len)]) if found else None
+
+
+def clean_state_dict(state_dict: dict[str, Tensor]) -> "OrderedDict[str, Tensor]":
+    """Strips DDP's leading `module.` and torch.compile's `_orig_mod.` (anywhere) from every key."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        key = key.replace("_orig_mod.", "")
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        out[key] = value
+    return out
+
+
+def _fold_old_containers(key: str) -> str:
+    # SpikingJelly <= 0.0.0.0.6 kept a container's children under `.module`: a Sequential of several
+    # (`conv1.0.module.0.weight`) or the single layer itself (`downsample.module.weight`); now they are `.0`, `.1`.
+    key = re.sub(r"\.module\.(\d+)\.", r".\1.", key)
+    return re.sub(r"\.module\.(?=[^\d])", ".0.", key)
+
+
+def reference_state_dict(ckpt: dict[str, Any]) -> "OrderedDict[str, Tensor]":
+    """The reference file's state dict under our key names: `state_dict`/`net`/a bare dict; prefixes stripped,
+    old container naming folded, leaf names mapped through REFERENCE_KEYS."""
+    for name in ("state_dict", "net", "model"):
+        if isinstance(ckpt.get(name), dict):
+            raw = ckpt[name]
+            break
+    else:
+        raw = ckpt
+    if not raw or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise CheckpointError(
+            f"no state dict found (top-level keys: {sorted(ckpt)[:10]}); expected 'state_dict' (CIFAR/ImageNet "
+            "files), 'net' (CIFAR10-DVS) or a dict of tensors"
+        )
+    out = OrderedDict()
+    for key, value in clean_state_dict(raw).items():
+        *path, leaf = _fold_old_containers(key).split(".")
+        out[".".join([*path, REFERENCE_KEYS.get(leaf, leaf)])] = value
+    return out
+
+
+def infer_from_shapes(sd: dict[str, Tensor]) -> dict[str, Any]:
+    """arch, num_classes, T and the model options that change keys or shapes, read off the tensors (the fallback
+    for files the table does not know)."""
+    found: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    conduct = next((k for k in sd if k.endswith(".conduct")), None)
+    if conduct is not None:
+        found["T"] = int(sd[conduct].shape[0])
+        neuron = conduct[: -len(".conduct")]
+        options["channel_wise"] = sd[conduct].dim() == 2
+        options["variant"] = "glif" if f"{neuron}.alpha" in sd else "glif_f"
+    bn_keys = [k[: -len(".running_mean")] for k in sd if k.endswith(".running_mean")]
+    if bn_keys:
+        options["bn"] = "td" if f"{bn_keys[0]}.v_th" in sd else "plain"
+
+    if "out.weight" in sd and "conv.0.0.0.weight" in sd:  # CIFAR10-DVS 7B-wideNet
+        found.update(arch="sew7b_wide", num_classes=int(sd["out.weight"].shape[0]))
+        options["in_channels"] = int(sd["conv.0.0.0.weight"].shape[1])
+        options["input_size"] = round(16 * (sd["out.weight"].shape[1] / 128) ** 0.5)
+        alpha = next((v for k, v in sd.items() if k.endswith(".alpha")), None)
+        if alpha is not None:
+            options["gate_dtype"] = "float64" if alpha.dtype == torch.float64 else "float32"
+    elif "classifier.2.weight" in sd and "features.0.0.weight" in sd:  # CIFARNet
+        found.update(arch="cifarnet", num_classes=int(sd["classifier.2.weight"].shape[0]))
+        options["in_channels"] = int(sd["features.0.0.weight"].shape[1])
+        options["input_size"] = round(4 * (sd["classifier.0.weight"].shape[1] / 512) ** 0.5)
+    elif "conv1.0.0.weight" in sd:  # the ResNets
+        stem = sd["conv1.0.0.weight"]
+        blocks = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"features\.(\d+)\.", k))), default=-1)
+        ms = "features.0.body.3.0.weight" in sd
+        if stem.shape[-1] == 7:
+            arch = {(True, 8): "resnet18ms", (True, 16): "resnet34ms", (False, 16): "resnet34"}.get((ms, blocks))
+        else:
+            arch = {64: "resnet18", 128: "resnet19"}.get(int(stem.shape[0])) if not ms else None
+        if arch is not None:
+            found["arch"] = arch
+        head = [k for k in sd if re.fullmatch(r"lastave\.\d+\.weight", k)]
+        if head:
+            found["num_classes"] = int(sd[max(head)].shape[0])
+            options["head"] = "two_linear" if len(head) == 2 else "linear"
+        options["in_channels"] = int(stem.shape[1])
+    found["options"] = options
+    return found
+
+
+def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, num_classes: int | None = None,
+            T: int | None = None) -> dict[str, Any]:
+    """What to build for a reference state dict: {arch, num_classes, T, options, dataset, says}.
+
+    Explicit arguments win; then the released-file table, when the file name is one of its stems; the tensor
+    shapes are the fallback for files it does not know (and supply the options the table does not fix: neuron
+    form, head, input channels). `says` describes what the tensors look like, for error messages.
+    """
+    entry = released_file(path)
+    table = entry[1] if entry else None
+    by_shape = infer_from_shapes(sd)
+    inferred = {k: getattr(table, k) if table else by_shape.get(k) for k in ("arch", "num_classes", "T")}
+    chosen = {"arch": arch or inferred["arch"], "num_classes": num_classes or inferred["num_classes"],
+              "T": T or inferred["T"]}
+    if None in chosen.values():
+        raise CheckpointError(
+            f"{path}: cannot infer the architecture from the file name or the tensors (inferred {inferred}); "
+            "pass arch=..., num_classes=..., T=..."
+        )
+    options = dict(by_shape["options"])
+    if chosen["arch"] != by_shape.get("arch"):  # options read off another architecture's tensors do not apply
+        options = {k: v for k, v in options.items() if k in ("channel_wise", "variant", "bn")}
+    if table and table.arch == chosen["arch"]:
+        options.update(bn=table.bn, **table.options)
+    shapes = {**{k: by_shape.get(k) for k in ("arch", "num_classes", "T")}, **by_shape["options"]}
+    says = ", ".join(f"{k}={v!r}" for k, v in shapes.items() if v is not None)
+    dataset = table.dataset if table and table.arch == chosen["arch"] else None
+    return {**chosen, "options": options, "dataset": dataset, "says": says}
+
+
+__all__ = ["REFERENCE_KEYS", "RELEASED", "ReleasedFile", "clean_state_dict", "infer_from_shapes",
+           "reference_state_dict", "released_file", "resolve"]

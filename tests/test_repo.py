@@ -1,0 +1,146 @@
+"""The repository's own rules, checked: its documents are its own and every citation of them resolves; the core
+never imports the app layer; no import cycles; no function over 80 lines; importing glif2 changes no torch setting;
+no script imports another script.
+"""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".toml", ".sh") or p.name == "Makefile"]
+SOURCES = [p for p in SOURCES if not any(part.startswith(".") or part in ("build", "runs") for part in
+                                         p.relative_to(ROOT).parts)]
+CITATION = re.compile(r"docs/([a-z]+)\.md((?: §[0-9.]+(?:-§[0-9.]+)?,?)*)(?: (Q[0-9]+))?")
+
+
+def python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def headings(doc: Path) -> set[str]:
+    """Section numbers of a docs file: `## 3. Title` -> "3", `### 3.2 Title` -> "3.2"."""
+    return {m.group(1).rstrip(".") for m in re.finditer(r"^#{2,4} ([0-9][0-9.]*)", doc.read_text(), re.M)}
+
+
+def test_every_docs_citation_resolves():
+    """`docs/neuron.md §9 Q3` in code, tests, help text and docs: the file, the section and the quirk all exist."""
+    cited = 0
+    for path in SOURCES:
+        for m in CITATION.finditer(path.read_text(errors="ignore")):
+            doc = ROOT / "docs" / f"{m.group(1)}.md"
+            where = f"{path.relative_to(ROOT)}: {m.group(0)!r}"
+            assert doc.is_file(), where
+            sections = re.findall(r"§([0-9.]+)", m.group(2))
+            for s in sections:
+                assert s.rstrip(".") in headings(doc), f"{where}: no section {s} in {doc.name}"
+            if m.group(3):
+                assert re.search(rf"^\| {m.group(3)} \|", doc.read_text(), re.M), f"{where}: no {m.group(3)}"
+            cited += 1
+    assert cited > 30  # the code does cite its documents
+
+
+def test_no_foreign_documents_or_machine_paths():
+    """Nothing points to documents that are not in the repository, or to a path of the machine it was written on."""
+    foreign = re.compile(r"\b(GLIF|ARCHITECTURES|TRAINING|DVS-FRAMES|PEERS|PERF-NOTES)\.md\b")
+    for path in SOURCES:
+        text = path.read_text(errors="ignore")
+        assert not foreign.search(text), f"{path.relative_to(ROOT)} cites a document outside the repository"
+        for local in (str(ROOT.parent), str(Path.home())):
+            assert local + "/" not in text, f"{path.relative_to(ROOT)} names a path of this machine ({local})"
+
+
+def _imports(path: Path) -> set[str]:
+    """The first-party modules a file imports, anywhere in it (function-level imports count too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.split(".")[0] in ("glif2", "pipelines")}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles_and_the_core_never_imports_the_app():
+    files = python_files("glif2", "pipelines")
+    modules = {_module_name(p): p for p in files}
+    graph = {name: {m for m in _imports(p) if m in modules and m != name} for name, p in modules.items()}
+    for name, deps in graph.items():
+        if not name.startswith("glif2.train") and name.startswith("glif2"):
+            assert not any(d.startswith(("glif2.train", "pipelines")) for d in deps), f"{name} imports the app layer"
+    # A package's __init__ re-exporting its submodules is not a cycle: drop edges from a package to its children.
+    for name in graph:
+        graph[name] = {d for d in graph[name] if not d.startswith(name + ".")}
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(dep):], dep]))
+            if dep not in state:
+                visit(dep, [*stack, dep])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_function_over_80_lines():
+    long = []
+    for path in [*python_files("glif2", "pipelines"), ROOT / "train.py", ROOT / "eval.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long
+
+
+def test_scripts_import_the_package_never_another_script():
+    for path in [*python_files("tests", "bench", "glif2", "pipelines"), ROOT / "train.py", ROOT / "eval.py"]:
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not names & {"train", "eval"}, f"{path.relative_to(ROOT)} imports a script"
+
+
+_IMPORT_PROBE = """
+import einops, torch
+import torch._dynamo.config as config
+from torch._dynamo import trace_rules
+def state():
+    return dict(config.get_config_copy()), [trace_rules.lookup_callable(f) for f in (einops.rearrange, einops.repeat)]
+before = state()
+import glif2, glif2.models
+after = state()
+changed = [k for k in before[0] if before[0][k] != after[0][k]]
+print("CHANGED", changed, before[1] == after[1])
+"""
+
+
+def test_import_changes_no_torch_setting():
+    """`import glif2` leaves dynamo's configuration and its allow-in-graph registry as it found them."""
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "CHANGED [] True" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("tool", ["glif2-train", "glif2-eval"])
+def test_console_entry_points_answer(tool):
+    exe = Path(sys.executable).parent / tool
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"usage: {tool}")
+    if tool == "glif2-train":  # every choice flag lists its values
+        assert "--dataset {cifar10,cifar100,imagenet,cifar10dvs,digits}" in out
+        assert "--gate-mode {soft,hard,static_soft,static_hard}" in out
