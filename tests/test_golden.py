@@ -268,7 +268,7 @@ FAULTS = {
     "conduct_one_step_late": (_conductance_one_step_late, {}),
     "stem_bn_weight_1e-4": (_stem_bn_weight_relative_1e4, {}),
     "head_weights_1ulp": (_head_weights_one_ulp, {}),
-    "hard_gates_option": (None, {"gates": "hard"}),
+    "hard_gates_option": (None, {"gate_mode": "hard"}),
 }
 
 
@@ -293,5 +293,5 @@ def test_golden_catches_planted_faults(reference_file, sentinel_model, fault):
 def test_backward_only_options_keep_the_golden_outputs(reference_file):
     # Detached (static) soft gates change gradients only: the forward, and so the goldens, must not move.
     golden = load_golden(SENTINEL)
-    model = glif2.load_reference_checkpoint(reference_file(SENTINEL), eager=True, gates="static_soft")
+    model = glif2.load_reference_checkpoint(reference_file(SENTINEL), eager=True, gate_mode="static_soft")
     assert not mismatch(golden, *run(model, golden))
