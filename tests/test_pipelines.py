@@ -466,7 +466,7 @@ def test_imagenet_torch_train_applies_the_window(imagenet_root):
 
     loader = pipelines.build_loader("imagenet", "train", data_dir=imagenet_root, batch_size=3, backend="torch",
                                     num_workers=0, seed=2)
-    x, _ = torch.cat([x for x, _ in run_pass(loader, epoch=1)]), None
+    x = torch.cat([x for x, _ in run_pass(loader, epoch=1)])
     idx = loader._indices()
     u = sample_uniforms(augment_key(2, 1), idx, imagenet.DRAWS)
     for out, i, ui in zip(x, idx, u):
