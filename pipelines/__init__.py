@@ -115,7 +115,9 @@ def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None
 
     Training (`split="train"`): a new permutation each epoch from (seed, epoch), the same on every rank (call
     `set_epoch(e)`); each rank takes a disjoint shard and only whole batches (static shapes for CUDA graphs), so
-    up to `world_size * batch_size - 1` samples per epoch are skipped. Test (`"test"`, or `"val"`): in order,
+    up to `world_size * batch_size - 1` samples per epoch are skipped. Augmentation is a function of (seed, epoch,
+    sample) on every backend, so `set_epoch(e, start_batch=j)` resumes mid-epoch exactly: the pass yields batches
+    j.. of epoch e, bitwise those of a full pass. Test (`"test"`, or `"val"`): in order,
     contiguous per-rank blocks, the last batch may be short, every sample is seen exactly once over all ranks.
 
     Args:
@@ -135,12 +137,16 @@ def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None
             `num_threads` (DALI), `num_workers`, `verify` (imagenet).
 
     Returns:
-        An iterable of `(x, y)` on `device` with `len()`, `set_epoch()`, and the attributes `num_samples` (this
-        rank, per epoch), `num_classes` and `dataset_size` (the whole split).
+        An iterable of `(x, y)` on `device` with `len()` (batches of a full epoch), `set_epoch(epoch,
+        start_batch=0)`, and the attributes `num_samples` (this rank, per epoch), `num_classes` and `dataset_size`
+        (the whole split).
 
     Raises:
-        ValueError: bad arguments or unreadable files (the message names the file and what to do).
-        FileNotFoundError: missing folders or files (the message names the expected layout).
+        DataError: unusable data: empty, truncated or malformed files, empty class folders, labels out of range (the
+            message names the file and what to do); raised here where a cheap check finds it, else while iterating.
+            Missing folders or files raise a DataError that is also a FileNotFoundError (as before), naming the
+            expected layout. DataError is a ValueError.
+        ValueError: bad arguments.
     """
     dataset_info(dataset)
     check_common(batch_size=batch_size, rank=rank, world_size=world_size)

@@ -18,18 +18,28 @@ Confirm on real data before trusting accuracies (docs/dvs.md §8.3: sweep the ma
 Split: classes alphabetical, files sorted by name (lexicographic, SpikingJelly's DatasetFolder order); per class
 the first ceil(0.9 n_c) files train, the rest test (900/100 with the full data). Frames are cached once on disk as
 compressed uint8/uint16 `.npz` under `<cache_dir>/frames_number_{T}_split_by_number_{remap}/<class>/<stem>.npz`.
+Entries are written atomically (temporary file + rename) and checked on every read: the ZIP member's CRC-32, which
+the format already stores and `zipfile` verifies when it reads a whole member (so no checksum of our own), plus the
+member name, shape `t 2 128 128` and dtype. That costs a CRC over ~0.5 MB next to the decompression we do anyway,
+and catches truncated, hand-edited or half-written (crash before the data reached the disk) entries; a damaged entry
+is rebuilt from the events with a warning. No fsync per entry: the check repairs what a crash leaves behind.
 
 Transforms (`dsr_da`): bilinear resize 128 -> 48 without antialias (in the workers), then for training a random
 48 x 48 crop of the zero-padded (4) frames, one window per sample shared by all steps and both polarities (on the
-device, batched). Batches are float32 `b t 2 48 48` (the model rearranges to time-first), y int64 `b`.
+device, batched; offsets from `sample_uniforms(key of (seed, epoch), sample index)`, no flip). Batches are float32
+`b t 2 48 48` (the model rearranges to time-first), y int64 `b`.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
+import tempfile
+import warnings
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -37,7 +47,16 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from pipelines._common import MapLoader, ShardedLoader, check_common, crop_flip, is_train_split, random_crop_flip_params
+from pipelines._common import (
+    DataError,
+    MapLoader,
+    MissingDataError,
+    ShardedLoader,
+    check_common,
+    crop_flip,
+    crop_flip_params,
+    is_train_split,
+)
 from pipelines.datasets import DATASETS
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -49,6 +68,10 @@ REMAPS = ("h1", "h2", "h3", "h4", "none")
 CACHE_VERSION = 1  # bump when the frame rule or file format changes, so old caches are not reused
 
 _MAGIC = b"#!AER-DAT4.0\r\n"
+_MEMBER = "frames.npy"
+# What reading a damaged `.npz` can raise: zip structure (BadZipFile, NotImplementedError for a garbled compression
+# method), deflate stream (zlib.error, EOFError), short or garbled .npy data (ValueError), the file itself (OSError).
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError, OSError)
 
 
 # helpers
@@ -114,35 +137,40 @@ def check_aedat4(path: str) -> None:
     """Walks the packet headers of an AEDAT 4.0 file without decompressing anything.
 
     A complete file is the magic line, a size-prefixed IOHeader, then packets (int32 stream id, int32 size, data)
-    ending exactly at the data table (or at the end of the file if it has none).
+    ending exactly at the data table (or at the end of the file if it has none). A file without packets holds no
+    events (a recording has at least one event packet).
 
     Raises:
-        ValueError: naming the file when it is not AEDAT 4.0 or a packet runs past the end (truncated copy).
+        DataError: naming the file when it is not AEDAT 4.0, a packet runs past the end (truncated copy) or it has
+            no packets.
     """
     size = os.path.getsize(path)
     hint = "re-extract it from the dataset archive (the copy is truncated or corrupt)"
     with open(path, "rb") as f:
         if f.read(len(_MAGIC)) != _MAGIC:
-            raise ValueError(f"{path!r} is not an AEDAT 4.0 file (no '#!AER-DAT4.0' header); {hint}")
+            raise DataError(f"{path!r} is not an AEDAT 4.0 file (no '#!AER-DAT4.0' header); {hint}")
         raw = f.read(4)
         header_len = struct.unpack("<i", raw)[0] if len(raw) == 4 else -1
         header = f.read(max(header_len, 0))
         if header_len <= 0 or len(header) != header_len:
-            raise ValueError(f"{path!r}: AEDAT 4.0 header is cut short; {hint}")
+            raise DataError(f"{path!r}: AEDAT 4.0 header is cut short; {hint}")
         table = _data_table_position(header)
         end = table if 0 < table <= size else size
         if table > size:
-            raise ValueError(f"{path!r}: data table at byte {table} but the file has {size} bytes; {hint}")
-        pos = len(_MAGIC) + 4 + header_len
+            raise DataError(f"{path!r}: data table at byte {table} but the file has {size} bytes; {hint}")
+        start = pos = len(_MAGIC) + 4 + header_len
         while pos < end:
             f.seek(pos)
             raw = f.read(8)
             if len(raw) < 8:
-                raise ValueError(f"{path!r}: packet header at byte {pos} is cut short; {hint}")
+                raise DataError(f"{path!r}: packet header at byte {pos} is cut short; {hint}")
             length = struct.unpack("<ii", raw)[1]
             pos += 8 + length
             if length < 0 or pos > end:
-                raise ValueError(f"{path!r}: packet at byte {pos - 8 - length} runs past byte {end}; {hint}")
+                raise DataError(f"{path!r}: packet at byte {pos - 8 - length} runs past byte {end}; {hint}")
+    if pos == start:
+        raise DataError(f"{path!r} holds no events (an empty recording); re-extract it from the dataset archive, or "
+                        f"delete it to train without it")
 
 
 def _data_table_position(header: bytes) -> int:
@@ -165,14 +193,16 @@ def list_recordings(data_dir: str | os.PathLike) -> tuple[list[str], list[int]]:
     layout = (f"expected tonic's layout {root}/<class>/*.aedat4 with the 10 class folders {', '.join(CLASSES)} "
               f"(extract CIFAR10DVS.zip and its per-class zips there, or pass download=True where a network exists)")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"CIFAR10-DVS folder {root!r} not found; {layout}")
+        raise MissingDataError(f"CIFAR10-DVS folder {root!r} not found; {layout}")
     paths, labels = [], []
     for k, name in enumerate(CLASSES):
         folder = os.path.join(root, name)
-        files = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".aedat4")) if os.path.isdir(
-            folder) else []
+        if not os.path.isdir(folder):
+            raise MissingDataError(f"CIFAR10-DVS class folder {folder!r} is missing; {layout}")
+        files = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".aedat4"))
         if not files:
-            raise FileNotFoundError(f"CIFAR10-DVS class folder {folder!r} is missing or has no .aedat4 files; {layout}")
+            raise DataError(f"CIFAR10-DVS class folder {folder!r} has no .aedat4 files (an interrupted extraction?); "
+                            f"{layout}")
         paths += [os.path.join(folder, f) for f in files]
         labels += [k] * len(files)
     return paths, labels
@@ -186,13 +216,42 @@ def _save_frames(path: str, frames: np.ndarray, *, source: str) -> None:
     """
     top = int(frames.max(initial=0))
     if top > np.iinfo(np.uint16).max:
-        raise ValueError(f"{source!r}: a pixel count of {top} exceeds 65535 and cannot be cached as uint16")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with (zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z,
-          z.open("frames.npy", "w") as f):
-        np.lib.format.write_array(f, frames.astype(np.uint8 if top <= 255 else np.uint16))
-    os.replace(tmp, path)  # atomic: concurrent workers or ranks never see a half-written file
+        raise DataError(f"{source!r}: a pixel count of {top} exceeds 65535 and cannot be cached as uint16; pass "
+                        f"cache=False")
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    # A unique name in the same folder (same file system, so the rename is atomic): concurrent workers or ranks
+    # never see a half-written entry, and a killed writer leaves only a `.tmp` file behind.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with (os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED,
+                                                          compresslevel=1) as z, z.open(_MEMBER, "w") as f):
+            np.lib.format.write_array(f, frames.astype(np.uint8 if top <= 255 else np.uint16))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_frames(path: str, T: int) -> np.ndarray:
+    """Reads a frame-cache entry as int32 `t 2 128 128` counts, checking it (see the module docstring).
+
+    Raises:
+        DataError: the entry is damaged: not a ZIP, a CRC-32 mismatch, another member, shape or dtype.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            if names != [_MEMBER]:
+                raise ValueError(f"members {names}, expected [{_MEMBER!r}]")
+            raw = z.read(_MEMBER)  # reads the whole member, so zipfile compares its CRC-32
+        frames = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
+    except _DAMAGED as err:
+        raise DataError(f"frame cache entry {path!r} is damaged ({type(err).__name__}: {err})") from err
+    if frames.shape != (T, 2, SENSOR, SENSOR) or frames.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"frame cache entry {path!r} is damaged: it holds {frames.dtype} {frames.shape}, expected "
+                        f"uint8 or uint16 {(T, 2, SENSOR, SENSOR)}")
+    return frames.astype(np.int32)
 
 
 def split_indices(labels: list[int], train: bool) -> np.ndarray:
@@ -262,17 +321,23 @@ class DVSFrames(torch.utils.data.Dataset):
         path = os.path.normpath(self.paths[i])
         try:
             events, _ = self._tonic[self._tonic_index[path]]
-        except Exception as err:
-            raise ValueError(f"cannot read events from {path!r} ({type(err).__name__}: {err}); re-extract the file "
-                             f"from the dataset archive.") from err
+        except Exception as err:  # tonic and aedat fail in many ways on a bad file
+            check_aedat4(path)  # names the problem when the packet structure shows it (truncated, no events)
+            raise DataError(f"cannot read events from {path!r} ({type(err).__name__}: {err}); re-extract the file "
+                            f"from the dataset archive.") from err
+        if len(events) == 0:
+            raise DataError(f"{path!r} holds no events (an empty recording); re-extract it from the dataset archive, "
+                            f"or delete it to train without it")
         return events
 
     def frames(self, i: int) -> np.ndarray:
-        """int32 `t 2 128 128` counts of recording i, from the cache when present."""
+        """int32 `t 2 128 128` counts of recording i, from the cache when present (a damaged entry is rebuilt)."""
         cache = self.cache_path(i) if self.cache_dir is not None else None
         if cache is not None and os.path.exists(cache):
-            with np.load(cache) as z:
-                return z["frames"].astype(np.int32)
+            try:
+                return load_frames(cache, self.T)
+            except DataError as err:
+                warnings.warn(f"{err}; rebuilding it from {self.paths[i]!r}", stacklevel=2)
         ev = self.events(i)
         x, y, p = remap_events(ev["x"], ev["y"], ev["p"], self.remap)
         frames = events_to_frames(x, y, p, self.T)
@@ -285,12 +350,17 @@ class DVSFrames(torch.utils.data.Dataset):
         return (resize(x) if self.resize_to_48 else x), self.labels[i]
 
 
-def _train_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 48 x 48 crop of the zero-padded frames, one window per sample for all steps and polarities."""
-    b, t = x.shape[:2]
-    oy, ox, _ = random_crop_flip_params(b, pad=PAD, flip=False, generator=generator)
+def _train_crop(x: torch.Tensor, u: np.ndarray) -> torch.Tensor:
+    """Random 48 x 48 crop of the zero-padded frames, one window per sample for all steps and polarities.
+
+    Args:
+        x: float32 `b t c h w` frames.
+        u: `b 2` uniforms: the row and column offsets.
+    """
+    t = x.shape[1]
+    oy, ox, _ = crop_flip_params(u, pad=PAD)
     merged = rearrange(x, "b t c h w -> b (t c) h w")
-    out = crop_flip(merged, oy.to(x.device), ox.to(x.device), None, pad=PAD)
+    out = crop_flip(merged, torch.from_numpy(oy).to(x.device), torch.from_numpy(ox).to(x.device), None, pad=PAD)
     return rearrange(out, "b (t c) h w -> b t c h w", t=t)
 
 
@@ -339,4 +409,4 @@ def build_cifar10dvs(split: str, *, data_dir: str | os.PathLike, batch_size: int
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     return MapLoader(dataset, n=len(dataset), num_classes=len(CLASSES), train=train, batch_size=batch_size,
                      rank=rank, world_size=world_size, seed=seed, device=device, num_workers=workers,
-                     post=_train_crop if train else None)
+                     post=_train_crop if train else None, draws=2)

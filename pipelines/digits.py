@@ -33,7 +33,7 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return rearrange(x / 16.0, "n h w -> n 1 h w").astype(np.float32), y.astype(np.int64)
 
 
-def _normalize(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _normalize(x: torch.Tensor, u: np.ndarray) -> torch.Tensor:
     return (x - DIGITS_MEAN[0]) / DIGITS_STD[0]
 
 
@@ -54,7 +54,7 @@ def build_digits(split: str, *, batch_size: int, rank: int = 0, world_size: int 
     """
     check_common(batch_size=batch_size, rank=rank, world_size=world_size)
     x, y = load_digits_split(split)
-    return TensorLoader(torch.from_numpy(x), torch.from_numpy(y), transform=_normalize,
+    return TensorLoader(torch.from_numpy(x), torch.from_numpy(y), transform=_normalize, draws=0,
                         num_classes=DATASETS["digits"].num_classes,
                         train=is_train_split(split), batch_size=batch_size, rank=rank, world_size=world_size,
                         seed=seed, device=device)

@@ -175,7 +175,7 @@ def mismatch(golden: dict, logits: Tensor, counts: list[tuple[str, list[int]]]) 
     if [n for n, _ in counts] != [n for n, _ in want]:
         problems.append(f"neuron layers {[n for n, _ in counts]} != golden {[n for n, _ in want]}")
     else:
-        bad = [f"{n}: {got} != {ref}" for (n, got), (_, ref) in zip(counts, want) if got != ref]
+        bad = [f"{n}: {got} != {ref}" for (n, got), (_, ref) in zip(counts, want, strict=True) if got != ref]
         if bad:
             problems.append(f"spike counts per step differ in {len(bad)} of {len(want)} layers, first: {bad[:3]}")
     if logits.dtype != expected.dtype or logits.shape != expected.shape:

@@ -284,7 +284,8 @@ def test_reduced_precision_input_accumulates_in_float32():
 
 
 def test_float64_parameters_promote_the_membrane():
-    # The released CIFAR10-DVS gates are float64 (docs/neuron.md §9 Q13): the membrane is float64, spikes keep x's dtype.
+    # The released CIFAR10-DVS gates are float64 (docs/neuron.md §9 Q13): the membrane is float64, spikes keep x's
+    # dtype.
     m = perturbed(GLIF(T, 3), seed=4)
     for name in ("alpha", "beta", "gamma"):
         setattr(m, name, torch.nn.Parameter(getattr(m, name).detach().double()))

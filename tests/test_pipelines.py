@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import pipelines
 from pipelines import cifar, cifar10dvs, digits, imagenet
-from pipelines._common import crop_flip, shard_indices
+from pipelines._common import DataError, augment_key, crop_flip, sample_uniforms, shard_indices
 
 sys.path.insert(0, os.path.dirname(__file__))
 from datasets_fixtures import write_aedat4, write_cifar, write_cifar10dvs, write_imagenet
@@ -303,6 +303,200 @@ def test_auto_backend():
     assert pipelines.resolve_backend("cifar10dvs", "auto") == "torch"
 
 
+# exact resume: augmentation is a function of (seed, epoch, sample)
+
+# (dataset, backend) of every training pipeline that runs here, and a mid-epoch batch to start from.
+RESUME_CASES = [(d, b) for d in ("cifar10", "imagenet") for b in BACKENDS] + [("cifar10dvs", "torch"),
+                                                                              ("digits", "torch")]
+
+
+@pytest.fixture
+def make_train_loader(cifar_data, imagenet_root, dvs_root, tmp_path):
+    roots = {"cifar10": cifar_data["root"], "imagenet": imagenet_root, "cifar10dvs": dvs_root, "digits": None}
+    batch = {"cifar10": 16, "imagenet": 3, "cifar10dvs": 8, "digits": 100}
+
+    def make(dataset, backend):
+        kw = {"num_threads": 1} if backend == "dali" else {"num_workers": 0}
+        if dataset == "cifar10dvs":
+            kw.update(T=3, cache_dir=str(tmp_path))
+        return pipelines.build_loader(dataset, "train", data_dir=roots[dataset], batch_size=batch[dataset],
+                                      backend=backend, seed=5, **kw)
+
+    return make
+
+
+def run_pass(loader, epoch: int, start_batch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch, start_batch=start_batch)
+    return [(x.cpu(), y.cpu()) for x, y in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize(("dataset", "backend"), RESUME_CASES)
+def test_mid_epoch_start_yields_the_rest_of_a_full_pass(make_train_loader, dataset, backend):
+    """set_epoch(e, start_batch=k) gives batches k.. of epoch e bitwise (images and labels), on a fresh loader (a
+    resumed run) and on one that stopped mid-pass; len() stays a full epoch."""
+    loader = make_train_loader(dataset, backend)
+    full = run_pass(loader, epoch=3)
+    k = len(full) // 2
+    resumed = make_train_loader(dataset, backend)
+    assert_same_batches(run_pass(resumed, epoch=3, start_batch=k), full[k:])
+    assert len(resumed) == len(full) > k > 0
+    next(iter(loader))  # a pass abandoned after one batch
+    assert_same_batches(run_pass(loader, epoch=3, start_batch=k), full[k:])
+    assert run_pass(loader, epoch=3, start_batch=len(full)) == []
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(3, start_batch=len(full) + 1)
+
+
+@pytest.mark.parametrize(("dataset", "backend"), RESUME_CASES)
+def test_fresh_loader_equals_one_that_ran_earlier_epochs(make_train_loader, dataset, backend):
+    """No state but (seed, epoch) carries over: a loader built after a restart gives epoch 2 bitwise as one that ran
+    epochs 0 and 1 first (the old DALI CIFAR pipeline kept one random stream for its lifetime)."""
+    ran = make_train_loader(dataset, backend)
+    for epoch in (0, 1):
+        run_pass(ran, epoch)
+    assert_same_batches(run_pass(make_train_loader(dataset, backend), 2), run_pass(ran, 2))
+
+
+@pytest.mark.parametrize(("dataset", "backend"), RESUME_CASES)
+def test_epochs_draw_new_augmentation(make_train_loader, dataset, backend):
+    """The same sample is augmented differently in another epoch (digits, which has no augmentation, identically)."""
+    loader = make_train_loader(dataset, backend)
+    images = []
+    for epoch in (0, 1):
+        x = torch.cat([x for x, _ in run_pass(loader, epoch)])
+        images.append(dict(zip(loader._indices().tolist(), x, strict=True)))
+    common = sorted(set(images[0]) & set(images[1]))
+    changed = np.mean([not torch.equal(images[0][i], images[1][i]) for i in common])
+    assert len(common) > 5 and (changed == 0 if dataset == "digits" else changed > 0.8)
+
+
+@pytest.mark.skipif("dali" not in BACKENDS, reason="needs DALI")
+def test_cifar_backends_agree_on_train(cifar_data):
+    """DALI and torch take the same crop offsets and mirrors from the host's draws: the same training batches."""
+    a, b = (run_pass(pipelines.build_loader("cifar10", "train", data_dir=cifar_data["root"], batch_size=16,
+                                            backend=backend, seed=3), epoch=4) for backend in ("dali", "torch"))
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        torch.testing.assert_close(xa, xb, atol=2e-5, rtol=0)
+        assert torch.equal(ya, yb)
+
+
+def test_sample_uniforms_are_a_pure_function_of_key_and_sample():
+    idx = np.arange(20_000)
+    u = sample_uniforms(7, idx, 3)
+    assert u.dtype == np.float32 and u.shape == (20_000, 3) and 0 <= u.min() and u.max() < 1
+    np.testing.assert_array_equal(sample_uniforms(7, idx[::-1][:50], 3), u[::-1][:50])  # any subset, any order
+    assert not np.array_equal(sample_uniforms(8, idx, 3), u)
+    # Uniform and uncorrelated across columns and neighbouring samples.
+    assert np.abs(np.histogram(u, bins=10, range=(0, 1))[0] / u.size - 0.1).max() < 0.005
+    assert np.abs(np.corrcoef(np.concatenate([u[:-1], u[1:]], axis=1).T) - np.eye(6)).max() < 0.03
+
+
+def _imagenet_draws(n: int, key: int = 11):
+    u = sample_uniforms(key, np.arange(n), imagenet.DRAWS)
+    return (*imagenet.rrc_factors(u), np.ascontiguousarray(u[:, -3:-1]), u[:, -1] < 0.5)
+
+
+def test_imagenet_crop_window_distribution():
+    """rrc_window from our draws has torchvision's RandomResizedCrop(scale=(0.2, 1)) distribution (the oracle, on
+    its own RNG): area fraction, aspect ratio and position quantiles agree; the clamped center crop when nothing
+    fits; flips half the time."""
+    from torchvision.transforms import RandomResizedCrop
+
+    n = 10_000
+    fw, fh, uyx, flip = _imagenet_draws(n)
+    h, w = np.full(n, 300, np.float32), np.full(n, 400, np.float32)
+    ours = np.stack(imagenet.rrc_window(h, w, fw, fh, uyx[:, 0], uyx[:, 1]), axis=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ref = np.array([RandomResizedCrop.get_params(torch.empty(3, 300, 400), [0.2, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)])
+
+    def stats(win):  # area fraction, log aspect, relative row and column of the window
+        top, left, ch, cw = win.T
+        return (ch * cw / 120_000, np.log(cw / ch), top / np.maximum(300 - ch, 1), left / np.maximum(400 - cw, 1))
+
+    q = np.linspace(0.05, 0.95, 19)
+    for a, b in zip(stats(ours), stats(ref), strict=True):
+        assert np.abs(np.quantile(a, q) - np.quantile(b, q)).max() < 0.03
+    top, left, ch, cw = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + ch <= 300).all() and (left + cw <= 400).all()
+    assert 0.199 < (ch * cw / 120_000).min() < 0.21 and 0.45 < np.mean(flip) < 0.55
+    # Nothing fits a 10 x 500 strip: the whole height, width cut to aspect 4/3, centered.
+    top, left, ch, cw = imagenet.rrc_window(np.float32([10]), np.float32([500]), fw[:1], fh[:1], uyx[:1, 0],
+                                            uyx[:1, 1])
+    assert (top[0], left[0], ch[0], cw[0]) == (0, (500 - 13) // 2, 10, 13)
+
+
+@pytest.mark.skipif("dali" not in BACKENDS, reason="needs DALI")
+def test_imagenet_crop_window_dali_equals_numpy():
+    """The in-graph window (from the encoded size) equals the numpy one bitwise: ordinary, tiny and extreme
+    shapes (the fallback), so both backends crop the same window from the same draws."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    n = 600
+    rng = np.random.default_rng(0)
+    hw = np.concatenate([rng.integers(1, 4000, (n // 3, 2)), rng.integers(1, 12, (n // 3, 2)),
+                         np.stack([rng.integers(1, 30, n // 3), rng.integers(100, 3000, n // 3)], axis=1)[:, ::-1]])
+    hw = np.where(rng.random((n, 1)) < 0.5, hw, hw[:, ::-1]).astype(np.float32)
+    fw, fh, uyx, _ = _imagenet_draws(n)
+    shape = np.concatenate([hw, np.full((n, 1), 3, np.float32)], axis=1)
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    def windows():
+        inputs = fn.external_source(source=lambda: (shape, fw, fh, uyx), num_outputs=4, batch=True,
+                                    dtype=[types.FLOAT] * 4)
+        return imagenet.dali_rrc_window(*inputs)
+
+    pipe = windows()
+    pipe.build()
+    start, size = (out.as_array() for out in pipe.run())
+    top, left, ch, cw = imagenet.rrc_window(hw[:, 0], hw[:, 1], fw, fh, uyx[:, 0], uyx[:, 1])
+    np.testing.assert_array_equal(start, np.stack([top, left], axis=1))
+    np.testing.assert_array_equal(size, np.stack([ch, cw], axis=1))
+    fallback = (ch == hw[:, 0]) | (cw == hw[:, 1])
+    assert 50 < fallback.sum() < n - 50
+
+
+def test_imagenet_torch_train_applies_the_window(imagenet_root):
+    """Each torch training image is the resized crop of its window from sample_uniforms(key, index), then mirrored
+    when the flip draw says so."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    loader = pipelines.build_loader("imagenet", "train", data_dir=imagenet_root, batch_size=3, backend="torch",
+                                    num_workers=0, seed=2)
+    x = torch.cat([x for x, _ in run_pass(loader, epoch=1)])
+    idx = loader._indices()
+    u = sample_uniforms(augment_key(2, 1), idx, imagenet.DRAWS)
+    for out, i, ui in zip(x, idx, u, strict=True):
+        img = Image.open(loader.dataset.paths[i]).convert("RGB")
+        top, left, h, w = (int(a[0]) for a in imagenet.rrc_window(
+            np.float32([img.height]), np.float32([img.width]), *imagenet.rrc_factors(ui[None]), ui[-3:-2], ui[-2:-1]))
+        ref = TF.resized_crop(img, top, left, h, w, [224, 224], InterpolationMode.BILINEAR, antialias=True)
+        ref = TF.normalize(TF.to_tensor(TF.hflip(ref) if ui[-1] < 0.5 else ref), imagenet.IMAGENET_MEAN,
+                           imagenet.IMAGENET_STD)
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif("dali" not in BACKENDS, reason="needs DALI")
+def test_imagenet_train_backends_agree(imagenet_root):
+    """DALI crops and mirrors the same windows as the torch backend; only resampling details differ (a window off by
+    a pixel or a wrong mirror gives ~0.7 on these random-pixel images)."""
+    a, b = (run_pass(pipelines.build_loader("imagenet", "train", data_dir=imagenet_root, batch_size=5,
+                                            backend=backend, num_threads=1, num_workers=0, seed=4), epoch=2)
+            for backend in ("dali", "torch"))
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb)
+        assert (xa - xb).abs().mean(dim=(1, 2, 3)).max() < 0.02
+
+
 # sharding
 
 
@@ -491,21 +685,23 @@ def test_dvs_split_order_and_cache(dvs_root, tmp_path, monkeypatch):
 
 
 def test_dvs_train_crop_is_shared_over_time_and_polarity(dvs_root, tmp_path):
-    kw = {"data_dir": dvs_root, "batch_size": 10, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path)}
+    """Each sample is one 48 x 48 window of the zero-padded frames for all steps and polarities; the offsets cover
+    the 9 x 9 grid."""
+    kw = {"data_dir": dvs_root, "batch_size": 8, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path)}
     loader = pipelines.build_loader("cifar10dvs", "train", **kw)
-    x, y = next(iter(loader))
     ds = loader.dataset
-    idx = loader._indices()[:10]
-    offsets = set()
-    for out, i, label in zip(x, idx, y.tolist(), strict=True):
-        full, k = ds[int(i)]
-        assert k == label
-        padded = F.pad(full, [cifar10dvs.PAD] * 4)
-        hits = [(oy, ox) for oy in range(9) for ox in range(9)
-                if torch.equal(padded[..., oy:oy + 48, ox:ox + 48], out)]
-        assert hits, "not a single window shared by all steps and polarities"
-        offsets.add(hits[0])
-    assert len(offsets) > 1
+    offsets = []
+    for epoch in (0, 1):
+        x, y = collect(run_pass(loader, epoch))
+        for out, i, label in zip(x, loader._indices(), y.tolist(), strict=True):
+            full, k = ds[int(i)]
+            assert k == label
+            padded = F.pad(full, [cifar10dvs.PAD] * 4)
+            hits = [(oy, ox) for oy in range(9) for ox in range(9)
+                    if torch.equal(padded[..., oy:oy + 48, ox:ox + 48], out)]
+            assert hits, "not a single window shared by all steps and polarities"
+            offsets.append(hits[0])
+    assert len(set(offsets)) >= 60 and {oy for oy, _ in offsets} == {ox for _, ox in offsets} == set(range(9))
 
 
 # bad input
@@ -541,6 +737,7 @@ def test_missing_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"CIFAR10DVS.*<class>/\*\.aedat4"):
         pipelines.build_loader("cifar10dvs", "test", data_dir=tmp_path, batch_size=4, T=4)
     (tmp_path / "CIFAR10DVS" / "airplane").mkdir(parents=True)
+    (tmp_path / "CIFAR10DVS" / "airplane" / "cifar10_airplane_0.aedat4").touch()
     with pytest.raises(FileNotFoundError, match="automobile"):
         pipelines.build_loader("cifar10dvs", "test", data_dir=tmp_path, batch_size=4, T=4)
 
@@ -550,7 +747,7 @@ def test_corrupt_pickle(cifar_data, tmp_path):
     folder = write_cifar(str(tmp_path), "cifar10", xtr, ytr, *cifar_data["test"])
     with open(os.path.join(folder, "data_batch_3"), "r+b") as f:
         f.truncate(200)
-    with pytest.raises(ValueError, match="data_batch_3.*corrupt or truncated"):
+    with pytest.raises(DataError, match="data_batch_3.*corrupt or truncated"):
         pipelines.build_loader("cifar10", "train", data_dir=tmp_path, batch_size=4)
     os.remove(os.path.join(folder, "test_batch"))
     with pytest.raises(FileNotFoundError, match="test_batch"):
@@ -562,7 +759,7 @@ def test_unreadable_jpeg(tmp_path, backend):
     write_imagenet(str(tmp_path), classes=2, train_per_class=2, val_per_class=2)
     bad = tmp_path / "val" / "n00000001" / "img_1_0.JPEG"
     bad.write_bytes(b"<html>not an image</html>")
-    with pytest.raises(ValueError, match="img_1_0.JPEG.*not a JPEG"):
+    with pytest.raises(DataError, match="img_1_0.JPEG.*not a JPEG"):
         pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=2, backend=backend)
 
 
@@ -574,8 +771,135 @@ def test_truncated_jpeg_named_at_decode(tmp_path, backend):
     path.write_bytes(path.read_bytes()[:40])
     loader = pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=2, backend=backend,
                                     num_workers=0, num_threads=1)
-    with pytest.raises(ValueError, match="img_0_3.JPEG"):
+    with pytest.raises(DataError, match="img_0_3.JPEG"):
         collect(loader)
+
+
+@pytest.mark.parametrize("case", ["width", "float", "int64", "short_labels", "label_10", "label_neg"])
+def test_malformed_cifar_batch(cifar_data, tmp_path, case):
+    """A pickle batch that is not uint8 `n 3072` with n labels in [0, 10) is a DataError naming the file (a cast
+    to uint8 would silently wrap int64 or float pixels)."""
+    import pickle
+
+    folder = write_cifar(str(tmp_path), "cifar10", *cifar_data["train"], *cifar_data["test"])
+    path = os.path.join(folder, "data_batch_2")
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    data, labels = entry[b"data"], entry[b"labels"]
+    entry.update({"width": {b"data": data[:, :-1]}, "float": {b"data": data.astype(np.float32)},
+                  "int64": {b"data": data.astype(np.int64)}, "short_labels": {b"labels": labels[:-1]},
+                  "label_10": {b"labels": labels[:-1] + [10]}, "label_neg": {b"labels": [-1] + labels[1:]}}[case])
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    with pytest.raises(DataError, match="data_batch_2"):
+        pipelines.build_loader("cifar10", "train", data_dir=tmp_path, batch_size=4)
+
+
+def test_missing_data_is_a_data_error_and_file_not_found(tmp_path):
+    """One `except DataError` covers missing data too, while FileNotFoundError still works as before."""
+    for dataset in ("cifar10", "imagenet"):
+        with pytest.raises(DataError) as info:
+            pipelines.build_loader(dataset, "test", data_dir=tmp_path, batch_size=4)
+        assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_imagenet_class_folder(tmp_path, backend):
+    write_imagenet(str(tmp_path), classes=3, train_per_class=2, val_per_class=1)
+    for path in (tmp_path / "train" / "n00000001").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match=r"n00000001.*no \.jpeg"):
+        pipelines.build_loader("imagenet", "train", data_dir=tmp_path, batch_size=2, backend=backend)
+
+
+def test_empty_dvs_class_folder(tmp_path):
+    write_cifar10dvs(str(tmp_path), per_class=1)
+    for path in (tmp_path / "CIFAR10DVS" / "dog").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match=r"dog.*no \.aedat4"):
+        pipelines.build_loader("cifar10dvs", "train", data_dir=tmp_path, batch_size=2, T=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_byte_jpeg(tmp_path, backend):
+    """Caught by the up-front check, and without it (verify=False, as for the full train split) when decoded."""
+    write_imagenet(str(tmp_path), classes=2, train_per_class=3, val_per_class=3)
+    (tmp_path / "val" / "n00000001" / "img_1_1.JPEG").write_bytes(b"")
+    kw = {"data_dir": tmp_path, "batch_size": 2, "backend": backend, "num_workers": 0, "num_threads": 1}
+    with pytest.raises(DataError, match="img_1_1.JPEG.*empty"):
+        pipelines.build_loader("imagenet", "val", **kw)
+    (tmp_path / "train" / "n00000000" / "img_0_2.JPEG").write_bytes(b"")
+    loader = pipelines.build_loader("imagenet", "train", verify=False, **kw)
+    with pytest.raises(DataError, match="img_0_2.JPEG"):
+        collect(loader)
+
+
+def test_zero_event_recording(tmp_path):
+    """An empty recording is named when the files are checked, and (verify=False) when its events are read."""
+    write_cifar10dvs(str(tmp_path), per_class=2)
+    write_aedat4(str(tmp_path / "CIFAR10DVS" / "cat" / "cifar10_cat_0.aedat4"), *(np.zeros(0, np.int64),) * 3)
+    kw = {"data_dir": tmp_path, "batch_size": 2, "T": 4, "num_workers": 0, "cache_dir": str(tmp_path / "c")}
+    with pytest.raises(DataError, match="cifar10_cat_0.aedat4' holds no events"):
+        pipelines.build_loader("cifar10dvs", "train", **kw)
+    with pytest.raises(DataError, match="cifar10_cat_0.aedat4' holds no events"):
+        collect(pipelines.build_loader("cifar10dvs", "train", verify=False, **kw))
+
+
+def _damage(path, how: str) -> None:
+    import zipfile
+
+    data = path.read_bytes()
+    mid = len(data) // 2
+    if how == "truncated":
+        path.write_bytes(data[:mid])
+    elif how == "zeroed":  # a run of bytes inside the compressed member
+        path.write_bytes(data[:mid - 16] + bytes(32) + data[mid + 16:])
+    elif how == "bad_crc":  # an uncompressed copy with one pixel changed: only the CRC-32 can tell
+        with zipfile.ZipFile(path) as z:
+            member = z.read("frames.npy")
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+            z.writestr("frames.npy", member)
+        data = path.read_bytes()
+        path.write_bytes(data[:mid] + bytes([data[mid] ^ 1]) + data[mid + 1:])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    elif how == "other_T":  # a well-formed entry of another shape (e.g. copied from another cache folder)
+        cifar10dvs._save_frames(str(path), np.zeros((5, 2, 128, 128), np.int32), source="test")
+    else:  # another array name
+        np.savez(path, counts=np.zeros((3, 2, 128, 128), np.uint8))
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "bad_crc", "empty", "garbage", "other_T", "other_key"])
+def test_damaged_frame_cache_entry_is_rebuilt(dvs_root, tmp_path, how):
+    kw = {"data_dir": dvs_root, "batch_size": 5, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path)}
+    first = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
+    entry = next(tmp_path.rglob("cifar10_dog_9.npz"))
+    _damage(entry, how)
+    with pytest.warns(UserWarning, match="cifar10_dog_9.npz.*damaged.*rebuilding"):
+        again = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
+    assert torch.equal(again[0], first[0])
+    assert cifar10dvs.load_frames(str(entry), 3).sum() > 0  # rewritten whole
+
+
+def test_frame_cache_write_is_atomic(tmp_path, monkeypatch):
+    """A writer that dies mid-entry leaves the previous entry (or none) and no temporary file."""
+    path = tmp_path / "a" / "x.npz"
+    good = np.ones((3, 2, 128, 128), np.int32)
+    cifar10dvs._save_frames(str(path), good, source="x")
+
+    def dies(f, array, **kw):
+        f.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np.lib.format, "write_array", dies)
+    with pytest.raises(KeyboardInterrupt):
+        cifar10dvs._save_frames(str(path), good * 2, source="x")
+    with pytest.raises(KeyboardInterrupt):
+        cifar10dvs._save_frames(str(tmp_path / "a" / "y.npz"), good, source="y")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.npz"]
+    np.testing.assert_array_equal(cifar10dvs.load_frames(str(path), 3), good)
 
 
 @pytest.mark.parametrize("cut", [0.6, 0.97])
@@ -585,11 +909,11 @@ def test_truncated_aedat4(tmp_path, cut):
     path = root / "CIFAR10DVS" / "dog" / "cifar10_dog_1.aedat4"
     data = path.read_bytes()
     path.write_bytes(data[:math.floor(len(data) * cut)])
-    with pytest.raises(ValueError, match="cifar10_dog_1.aedat4.*re-extract"):
+    with pytest.raises(DataError, match="cifar10_dog_1.aedat4.*re-extract"):
         pipelines.build_loader("cifar10dvs", "train", data_dir=root, batch_size=2, T=4)
     # Without the up-front check, the decode error still names the file.
     ds = cifar10dvs.DVSFrames([str(path)], [5], data_dir=str(root), T=4, remap="h1", cache_dir=None)
-    with pytest.raises(ValueError, match="cifar10_dog_1.aedat4"):
+    with pytest.raises(DataError, match="cifar10_dog_1.aedat4"):
         ds.frames(0)
 
 
@@ -621,3 +945,20 @@ def test_imagenet_mixed_decode_on_cuda(imagenet_root):
     assert x.shape == (9, 3, 224, 224) and y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     ref = collect(pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="dali"))
     assert (x - ref[0]).abs().mean() < 0.05  # nvJPEG vs libjpeg-turbo: small decoder differences only
+
+
+@cuda
+@pytest.mark.parametrize(("dataset", "backend"), [c for c in RESUME_CASES if c[0] in ("cifar10", "imagenet")])
+def test_resume_on_cuda(cifar_data, imagenet_root, dataset, backend):
+    """On the GPU too: a mid-epoch start is the suffix of a full pass (bitwise), and the training batches follow
+    the CPU pipeline's choices (the same draws; only decoding and resampling details may differ)."""
+    kw = {"data_dir": cifar_data["root"] if dataset == "cifar10" else imagenet_root, "backend": backend,
+          "batch_size": 16 if dataset == "cifar10" else 3, "seed": 5, "num_workers": 0}
+    gpu = pipelines.build_loader(dataset, "train", device="cuda", **kw)
+    full = run_pass(gpu, epoch=2)
+    assert_same_batches(run_pass(pipelines.build_loader(dataset, "train", device="cuda", **kw), 2, start_batch=2),
+                        full[2:])
+    cpu = run_pass(pipelines.build_loader(dataset, "train", **kw), epoch=2)
+    for (xg, yg), (xc, yc) in zip(full, cpu, strict=True):
+        assert torch.equal(yg, yc)
+        assert (xg - xc).abs().mean() < (2e-5 if dataset == "cifar10" else 0.05)

@@ -1,5 +1,6 @@
 """train.py and glif2.train (config, optim, distributed, loop): presets and flags, parameter groups and schedules,
-fail-fast errors, exact resume, atomic checkpoints under SIGKILL and SIGTERM, two-process DDP (gloo), and the digits run.
+fail-fast errors, exact resume, atomic checkpoints under SIGKILL and SIGTERM, two-process DDP (gloo), and the digits
+run.
 
 Shape letters: t steps, b batch, c channels, k classes.
 
