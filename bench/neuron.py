@@ -32,18 +32,16 @@ def build_candidates(T: int, C: int, device: str) -> dict:
     eager.load_state_dict(ours.state_dict())
     cands = {"glif2 compiled": ours, "glif2 eager": eager}
     try:
-        from spikingjelly.activation_based import functional, neuron, surrogate
+        from glif2.peers import gated_lif_node, reset
     except ImportError:
         print("spikingjelly not installed: peers skipped (pip install --no-deps spikingjelly==2.0.0 loguru)")
         return cands
-    rename = {"v_th": "v_threshold", "leak": "linear_decay", "v_reset": "v_subreset"}
-    sj = neuron.GatedLIFNode(T, C, surrogate_function=surrogate.Rect(alpha=1.0)).to(device)
-    sj.load_state_dict({rename.get(k, k): v for k, v in ours.state_dict().items()})
+    sj = gated_lif_node(ours)
     sj_compiled = torch.compile(sj)
 
     def with_reset(node, module):  # its membrane persists across calls; reset_net is part of using it
         def run(x):
-            functional.reset_net(module)
+            reset(module)
             return node(x)
 
         return run

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 CANDIDATES = ("glif2 compiled", "glif2 fused", "glif2 eager", "SJ GatedLIFNode")
 
@@ -60,21 +59,6 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def with_spikingjelly(model: nn.Module, T: int) -> nn.Module:
-    """Replaces every GLIF by GatedLIFNode(T, inplane=C) (rectangle surrogate of width 1, like the reference);
-    returns the model."""
-    from spikingjelly.activation_based import neuron, surrogate
-
-    from glif2.neuron import GLIF
-
-    for m in list(model.modules()):
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, GLIF):
-                setattr(m, child_name, neuron.GatedLIFNode(T, inplane=child.channels,
-                                                           surrogate_function=surrogate.Rect(alpha=1.0)))
-    return model
-
-
 def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps: int) -> dict:
     from glif2 import create_model
     from glif2.compile import compile_model
@@ -85,10 +69,11 @@ def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps
     model = create_model("resnet19", 10, T, eager=name == "glif2 eager")
     reset = None
     if name == "SJ GatedLIFNode":
-        from spikingjelly.activation_based import functional
+        from glif2.peers import reset as reset_sj
+        from glif2.peers import with_gated_lif_nodes
 
-        model = with_spikingjelly(model, T)
-        reset = functional.reset_net
+        model = with_gated_lif_nodes(model)
+        reset = reset_sj
     model.to(dev)
     mode = ("reduce-overhead" if dev.type == "cuda" else "default") if name == "glif2 compiled" else "none"
     objective = compile_model(Objective(model, 0.0, None), mode)

@@ -73,6 +73,11 @@ class tdBatchNorm(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha:.6g}"
 
+    def train_weight(self) -> Tensor:
+        """The affine weight of the training-mode batch_norm: alpha * v_th * weight (`c`)."""
+        scale = self.alpha * self.v_th
+        return scale * self.weight if self.weight is not None else scale.expand(self.num_features)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if not self.training and self.track_running_stats:
@@ -90,13 +95,11 @@ class tdBatchNorm(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average, as BatchNorm2d
                 momentum = 1.0 / float(self.num_batches_tracked)
-        scale = self.alpha * self.v_th
-        weight = scale * self.weight if self.weight is not None else scale.expand(self.num_features)
         return F.batch_norm(
             x,
             self.running_mean if self.track_running_stats else None,
             self.running_var if self.track_running_stats else None,
-            weight,
+            self.train_weight(),
             self.bias,
             True,
             momentum,

@@ -30,6 +30,7 @@ gates need nothing from the kernels. The reset terms are not detached (as in the
 """
 
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -168,14 +169,20 @@ _fused_forward_compiled = compile_kernel(fused_forward)
 _fused_backward_compiled = compile_kernel(fused_backward)
 
 
+def fused_kernels(eager: bool) -> tuple[Callable, Callable]:
+    """(fused_forward, fused_backward): glif2's compiled kernels, or the plain functions when `eager` or when already
+    inside a compiled graph (an outer torch.compile traces them into its own graph)."""
+    if eager or torch.compiler.is_compiling():
+        return fused_forward, fused_backward
+    return _fused_forward_compiled, _fused_backward_compiled
+
+
 class GLIFFunction(torch.autograd.Function):
     """Fused GLIF over all steps on x: t b c n: compiled forward, compiled hand-derived backward, only x saved."""
 
     @staticmethod
     def forward(x: Tensor, surrogate: str, width: float, eager: bool, *coeffs: Tensor) -> Tensor:
-        # Under an outer torch.compile the plain function is traced into the caller's graph.
-        run = fused_forward if eager or torch.compiler.is_compiling() else _fused_forward_compiled
-        return run(x, GLIFCoeffs(*coeffs))
+        return fused_kernels(eager)[0](x, GLIFCoeffs(*coeffs))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -186,8 +193,7 @@ class GLIFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, *coeffs = ctx.saved_tensors
-        run = fused_backward if ctx.eager or torch.compiler.is_compiling() else _fused_backward_compiled
-        d_x, d_coeffs = run(grad_out, x, GLIFCoeffs(*coeffs), ctx.surrogate, ctx.width)
+        d_x, d_coeffs = fused_kernels(ctx.eager)[1](grad_out, x, GLIFCoeffs(*coeffs), ctx.surrogate, ctx.width)
         return d_x, None, None, None, *d_coeffs
 
 

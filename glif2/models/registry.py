@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from glif2.memory import MEMORY_MODES, set_memory
 from glif2.neuron import rename_deprecated
 
 INPUT_KINDS = ("image", "frames")
@@ -69,13 +70,15 @@ def _plain(value):
     raise ValueError(f"model option {value!r} ({type(value).__name__}) is not a plain int/float/str/bool/list")
 
 
-def create_model(name: str, num_classes: int, T: int, **options) -> nn.Module:
+def create_model(name: str, num_classes: int, T: int, *, memory: str | None = None, **options) -> nn.Module:
     """Builds a registered model and attaches its resolved config as `model.model_config`.
 
     Args:
         name: one of `list_models()`.
         num_classes: classes K of the head.
         T: time steps.
+        memory: how a training forward keeps activations for backward (glif2.memory): "lean" (the default for
+            every model that has a lean path), "recompute" or "off". Results are the same in every mode.
         **options: model options (e.g. `bn="plain"`, `in_channels=1`) and GLIF options passed through to every
             neuron (`channel_wise`, `variant`, `gate_mode`, `gate_init`, `params`, `tau`, `v_th`, `leak`, `v_reset`,
             `conduct`, `surrogate`, `surrogate_width`, `eager`).
@@ -89,10 +92,14 @@ def create_model(name: str, num_classes: int, T: int, **options) -> nn.Module:
         raise ValueError(f"num_classes={num_classes!r} must be a positive int")
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"T={T!r} must be a positive int")
+    if memory is not None and memory not in MEMORY_MODES:
+        raise ValueError(f"memory={memory!r}; choose one of {MEMORY_MODES}")
     options = rename_deprecated(options)
     config = {"name": name, "num_classes": num_classes, "T": T, **_plain(options)}
     model = _MODELS[name](num_classes=num_classes, T=T, **options)
-    model.model_config = config
+    memory = memory or ("lean" if getattr(model, "supports_memory", False) else "off")
+    set_memory(model, memory)
+    model.model_config = {**config, "memory": memory}
     return model
 
 

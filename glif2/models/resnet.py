@@ -15,7 +15,9 @@ from collections.abc import Callable
 from einops import rearrange, reduce, repeat
 from torch import Tensor, nn
 
-from glif2.layers import TimeMerged, neuron_factory, norm_factory
+from glif2 import memory
+from glif2.layers import TimeMerged, merge_time, neuron_factory, norm_factory, split_time
+from glif2.memory import SPIKES, Act, Lean
 from glif2.models.registry import register_model
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)  # the tdBN scale of every residual sum's two inputs
@@ -66,6 +68,13 @@ def check_image(x: Tensor) -> None:
         raise ValueError(f"expected an image batch `b c h w`, got shape {tuple(x.shape)}")
 
 
+def shortcut_branches(downsample: nn.Module, act: Act, lean: Lean) -> list[memory.Branch]:
+    """The residual shortcut as a branch of the block's unit: BN of the input, or 1x1 conv + BN."""
+    if isinstance(downsample, TimeMerged) and len(downsample) == 1:
+        return [memory.bn_branch(downsample[0], act)]
+    return [memory.conv_branch(downsample[0], act, lean)]
+
+
 # classes
 
 
@@ -85,6 +94,12 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.lif(self.body(x) + self.downsample(x))
 
+    def lean(self, act: Act, lean: Lean) -> Act:
+        """The same block on the lean path (glif2.memory): two units, the second with the shortcut as a branch."""
+        s1 = memory.conv_bn_spike(self.body[0], self.body[1], act, lean)
+        branches = [memory.conv_branch(self.body[2], s1, lean), *shortcut_branches(self.downsample, act, lean)]
+        return act.then(memory.unit(branches, self.lif, lean, act.x.shape[0]), SPIKES)
+
 
 class MSBlock(nn.Module):
     """Membrane shortcut: out = BN(conv(GLIF(BN(conv_s(GLIF(x)))))) + shortcut(x), real-valued, no neuron after."""
@@ -101,6 +116,17 @@ class MSBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x) + self.downsample(x)
+
+    def lean(self, act: Act, lean: Lean) -> Act:
+        """The same block on the lean path. Its input and output are real-valued (membrane sums): only the spikes
+        inside the body are packed; in "recompute" the output sum is one unit without a neuron."""
+        t = act.x.shape[0]
+        s0 = act.then(self.body[0](act.x), SPIKES)
+        s1 = memory.conv_bn_spike(self.body[1], self.body[2], s0, lean)
+        if lean.mode == "lean":
+            return act.then(memory.conv_bn_plain(self.body[3], s1, lean) + self.downsample(act.x))
+        branches = [memory.conv_branch(self.body[3], s1, lean), *shortcut_branches(self.downsample, act, lean)]
+        return act.then(split_time(memory.unit(branches, None, lean, t), t=t))
 
 
 class SpikingResNet(nn.Module):
@@ -148,9 +174,18 @@ class SpikingResNet(nn.Module):
         self.lastave = head(c_in, num_classes, two_linear)  # the head; `lastave` is the reference's key name
         init_weights(self)
 
+    supports_memory = True
+    memory = "off"  # set by create_model (glif2.memory)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """`b c h w -> t b c' h' w'` (spikes, or real-valued sums for the membrane-shortcut nets)."""
         check_image(x)
+        lean = memory.lean_of(self)
+        if lean is not None:
+            act = memory.run_sequence(self.conv1, memory.image_act(x, self.T, lean), lean)
+            for blk in self.features:
+                act = blk.lean(act, lean)
+            return act.x
         x = self.conv1(repeat(x, "b c h w -> t b c h w", t=self.T))
         for blk in self.features:
             x = blk(x)
@@ -204,6 +239,9 @@ class CIFARNet(nn.Module):
         )
         init_weights(self)
 
+    supports_memory = True
+    memory = "off"  # set by create_model (glif2.memory)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """`b c h w -> t b c' h' w'` spikes."""
         check_image(x)
@@ -214,6 +252,13 @@ class CIFARNet(nn.Module):
         return self.classifier(rearrange(x, "t b c h w -> t b (c h w)"))
 
     def forward_steps(self, x: Tensor) -> Tensor:
+        lean = memory.lean_of(self)
+        if lean is not None:  # the features' spikes, and the first linear's input, kept packed
+            check_image(x)
+            act = memory.run_sequence(self.features, memory.image_act(x, self.T, lean), lean)
+            flat = act.then(merge_time(rearrange(act.x, "t b c h w -> t b (c h w)")), act.grid)
+            y = memory.linear(self.classifier[0], flat, lean)
+            return split_time(self.classifier[2](self.classifier[1](y)), t=self.T)
         return self.forward_head(self.forward_features(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -245,8 +290,14 @@ class GLIFNetSmall(nn.Module):
         init_weights(self)
         nn.init.normal_(self.lastave[0].weight, 0.0, 1.0 / math.sqrt(c3))  # 0.01 would start too slowly here
 
+    supports_memory = True
+    memory = "off"  # set by create_model (glif2.memory)
+
     def forward_features(self, x: Tensor) -> Tensor:
         check_image(x)
+        lean = memory.lean_of(self)
+        if lean is not None:
+            return memory.run_sequence(self.features, memory.image_act(x, self.T, lean), lean).x
         return self.features(repeat(x, "b c h w -> t b c h w", t=self.T))
 
     def forward_head(self, x: Tensor) -> Tensor:

@@ -18,7 +18,9 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
+from glif2 import memory
 from glif2.layers import TimeMerged, neuron_factory, norm_factory
+from glif2.memory import SPIKES, Act, Lean
 from glif2.models.registry import register_model
 from glif2.neuron import randomize_gates
 
@@ -59,6 +61,16 @@ class SEWBlock(nn.Module):
             return a * x
         return x * (1.0 - a)
 
+    def lean(self, act: Act, lean: Lean) -> Act:
+        """The same block on the lean path: ADD's sums stay on a grid (0, 1, 2, ...), AND / IAND keep their factors
+        packed."""
+        a = memory.run_sequence(self.conv, act, lean)
+        if self.connect == "ADD":
+            return act.then(a.x + act.x, a.grid + act.grid if act.grid is not None else None)
+        if self.connect == "AND":
+            return memory.multiply(a, act)
+        return memory.multiply(act, a.then(1.0 - a.x, SPIKES))
+
 
 class SEWResNetGLIF(nn.Module):
     """The 7B-wideNet (`SEWResNet_GLIF_dsr`).
@@ -97,10 +109,17 @@ class SEWResNetGLIF(nn.Module):
         )
         self.out = nn.Linear(128 * (input_size // 16) ** 2, num_classes, bias=True)
 
+    supports_memory = True
+    memory = "off"  # set by create_model (glif2.memory)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """`b t c h w -> t b (c h w)`."""
         if x.dim() != 5 or x.shape[1] != self.T:
             raise ValueError(f"expected frames `b t c h w` with t={self.T}, got shape {tuple(x.shape)}")
+        lean = memory.lean_of(self)
+        if lean is not None:
+            act = Act(rearrange(x, "b t c h w -> t b c h w"), eager=lean.eager)
+            return rearrange(memory.run_sequence(self.conv, act, lean).x, "t b c h w -> t b (c h w)")
         x = self.conv(rearrange(x, "b t c h w -> t b c h w"))
         return rearrange(x, "t b c h w -> t b (c h w)")
 

@@ -1,0 +1,209 @@
+"""Training memory and step time: glif2's memory modes (off, lean, recompute) and SpikingJelly's GatedLIFNode, side by
+side, on the paper's networks.
+
+    python bench/memory.py                                   # all three nets, CPU (and CUDA when present)
+    python bench/memory.py --nets resnet19 --devices cpu --rounds 3 --steps 2
+    python bench/memory.py --devices cuda --max-batch        # also the largest ResNet-19 T=6 batch per mode
+
+Shape letters: t steps, b batch, c channels, h w space, k classes.
+
+Nets (as the issue sets them): resnet19 T=4 on 32x32 (batch 4 on CPU), sew7b_wide T=16 on 48x48 (batch 2),
+resnet18ms T=6 on 224x224 (batch 1). Each candidate runs eagerly (the model uncompiled; glif2's GLIF kernels are
+compiled, as train.py --compile none) and with the whole training objective under torch.compile (train.py's
+default). One step = forward, cross-entropy, backward, SGD with momentum.
+
+Figures:
+- saved B/ns: the bytes autograd keeps for backward (the unique storages torch.autograd.graph.saved_tensors_hooks
+  sees during one training forward; parameters and buffers not counted) divided by the neuron-steps (every GLIF
+  output of every step of every image). Compiled candidates are measured on their second call.
+- step: the median step time over interleaved rounds (every candidate runs `--steps` steps per round, round after
+  round, so machine noise hits them alike); the first steps (compilation) are left out. "x off" is the ratio to the
+  glif2 off candidate of the same compile setting.
+- CUDA: the peak allocated memory during the timed steps, and with --max-batch the largest ResNet-19 T=6 batch
+  (32x32) whose training step fits, per mode (found by doubling, then bisection, uncompiled).
+"""
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import glif2
+from glif2.compile import compile_model
+from glif2.memory import neuron_steps, saved_activation_bytes
+
+NETS = {  # name: (model, classes, T, per-sample input shape, options, batch on CPU, batch on CUDA)
+    "resnet19": ("resnet19", 10, 4, (3, 32, 32), {}, 4, 64),
+    "sew7b_wide": ("sew7b_wide", 10, 16, (16, 2, 48, 48), {}, 2, 32),
+    "resnet18ms": ("resnet18ms", 1000, 6, (3, 224, 224), {}, 1, 16),
+}
+CANDIDATES = ("glif2 off", "glif2 lean", "glif2 recompute", "SJ GatedLIFNode")
+
+
+class Objective(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), y)
+
+
+def make_input(net: str, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    _, classes, _, shape, _, _, _ = NETS[net]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=g)
+    if net == "sew7b_wide":
+        x = x.abs().round()  # event counts
+    return x.to(device), torch.randint(0, classes, (batch,), generator=g).to(device)
+
+
+class Candidate:
+    """One model + optimizer, eager or compiled, with a `step()` that trains on a fixed batch."""
+
+    def __init__(self, net: str, name: str, compiled: bool, device: torch.device, batch: int):
+        arch, classes, T, _, options, _, _ = NETS[net]
+        torch.manual_seed(0)
+        mode = name.split()[-1] if name.startswith("glif2") else "off"
+        self.model = glif2.create_model(arch, classes, T, memory=mode, **options)
+        self.reset = None
+        if name.startswith("SJ"):
+            from glif2.peers import reset, with_gated_lif_nodes
+
+            self.model, self.reset = with_gated_lif_nodes(self.model), reset
+        self.model.to(device)
+        self.objective = Objective(self.model)
+        if compiled and self.reset is not None:  # SpikingJelly's loop may break the graph: no fullgraph for it
+            self.objective = torch.compile(self.objective)
+        elif compiled:
+            self.objective = compile_model(self.objective, "default")
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.x, self.y = make_input(net, batch, device)
+        self.device, self.times = device, []
+
+    def forward(self) -> torch.Tensor:
+        if self.reset is not None:
+            self.reset(self.model)
+        return self.objective(self.x, self.y)
+
+    def step(self) -> None:
+        self.forward().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # timing only: a host sync
+
+    def timed(self, steps: int) -> None:
+        for _ in range(steps):
+            self.sync()
+            start = time.perf_counter()
+            self.step()
+            self.sync()
+            self.times.append(time.perf_counter() - start)
+
+
+def run_net(net: str, device: torch.device, args) -> list[dict]:
+    batch = args.batch or NETS[net][5 if device.type == "cpu" else 6]
+    counter = glif2.create_model(*NETS[net][:3], **NETS[net][4]).to(device).eval()
+    neurons = neuron_steps(counter, make_input(net, batch, device)[0])
+    del counter
+    rows, cands = [], {}
+    for compiled in (False, True):
+        for name in args.candidates:
+            key = (name, compiled)
+            try:
+                cand = Candidate(net, name, compiled, device, batch)
+                start = time.perf_counter()
+                cand.step()  # compiles when compiled
+                cand.sync()
+                first = time.perf_counter() - start
+                saved = saved_activation_bytes(cand.model, cand.forward)
+            except Exception as e:  # a candidate that cannot run is reported, not fatal
+                print(f"{net} {device.type} {name} {'compiled' if compiled else 'eager'}: failed: {e}", flush=True)
+                continue
+            cands[key] = cand
+            rows.append({"net": net, "device": device.type, "candidate": name, "compiled": compiled, "batch": batch,
+                         "saved_per_neuron_step": saved["bytes"] / neurons, "first_step_s": first})
+    for _ in range(args.rounds):  # interleaved rounds
+        for cand in cands.values():
+            cand.timed(args.steps)
+    for row in rows:
+        cand = cands[row["candidate"], row["compiled"]]
+        row["step_ms"] = 1e3 * statistics.median(cand.times)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            cand.timed(1)
+            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    for row in rows:
+        base = next((r for r in rows if r["candidate"] == "glif2 off" and r["compiled"] == row["compiled"]), None)
+        row["vs_off"] = row["step_ms"] / base["step_ms"] if base else float("nan")
+    del cands
+    gc.collect()
+    return rows
+
+
+def fits(batch: int, mode: str, device: torch.device) -> bool:
+    torch.manual_seed(0)
+    model = glif2.create_model("resnet19", 10, 6, memory=mode).to(device)
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    try:
+        F.cross_entropy(model(x), y).backward()
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del model, x, y
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(mode: str, device: torch.device) -> int:
+    """The largest ResNet-19 T=6 batch whose training step fits: doubling, then bisection."""
+    lo, hi = 0, 16
+    while fits(hi, mode, device):
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, lo // 64):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid, mode, device) else (lo, mid)
+    return lo
+
+
+def print_rows(rows: list[dict]) -> None:
+    for row in rows:
+        peak = f"  peak {row['peak_mib']:9.1f} MiB" if "peak_mib" in row else ""
+        print(f"{row['net']:10} {row['device']:4} {row['candidate']:16} {'compiled' if row['compiled'] else 'eager':8}"
+              f"  b={row['batch']:<3} saved {row['saved_per_neuron_step']:7.3f} B/ns  step {row['step_ms']:9.1f} ms"
+              f"  x off {row['vs_off']:5.2f}{peak}  (first step {row['first_step_s']:.1f} s)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, cuda if present)")
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES, metavar="NAME")
+    parser.add_argument("--batch", type=int, default=0, help="batch for every net (default: per net and device)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per candidate per round")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--max-batch", action="store_true", help="CUDA: the largest ResNet-19 T=6 batch per mode")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    for device in map(torch.device, devices):
+        print(f"## {device.type}: {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+        for net in args.nets:
+            print_rows(run_net(net, device, args))
+        if device.type == "cuda" and args.max_batch:
+            for mode in ("off", "lean", "recompute"):
+                print(f"resnet19 T=6 cuda {mode:9}: largest batch {largest_batch(mode, device)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""SpikingJelly's GatedLIFNode, the peer the benchmarks measure glif2 against: the same GLIF equations, run as a
+plain multi-step PyTorch loop with a membrane kept on the module (docs/neuron.md §10).
+
+Needs spikingjelly (installed --no-deps by the Makefile). Only the gated, soft-gate GLIF has a counterpart.
+"""
+
+from torch import nn
+
+from glif2.neuron import GLIF
+
+# glif2's parameter names -> GatedLIFNode's (the others, alpha beta gamma tau conduct, are the same)
+SJ_NAMES = {"v_th": "v_threshold", "leak": "linear_decay", "v_reset": "v_subreset"}
+
+
+def gated_lif_node(glif: GLIF) -> nn.Module:
+    """A GatedLIFNode with `glif`'s shape and parameter values and the reference's rectangle surrogate (width 1)."""
+    from spikingjelly.activation_based import neuron, surrogate
+
+    if glif.variant != "glif" or glif.gate_mode != "soft":
+        raise ValueError("GatedLIFNode has soft gates and the gated equations only")
+    node = neuron.GatedLIFNode(glif.T, inplane=glif.channels, surrogate_function=surrogate.Rect(alpha=1.0))
+    node.load_state_dict({SJ_NAMES.get(k, k): v for k, v in glif.state_dict().items()})
+    return node.to(glif.tau.device)
+
+
+def with_gated_lif_nodes(model: nn.Module) -> nn.Module:
+    """Replaces every GLIF in `model` by its GatedLIFNode (in place); returns the model. Call `reset(model)` before
+    each forward: the nodes keep their membrane between calls."""
+    for m in list(model.modules()):
+        for name, child in list(m.named_children()):
+            if isinstance(child, GLIF):
+                setattr(m, name, gated_lif_node(child))
+    model.memory = "off"  # the peer runs plain autograd
+    return model
+
+
+def reset(model: nn.Module) -> None:
+    """SpikingJelly's reset_net: zero every node's membrane."""
+    from spikingjelly.activation_based import functional
+
+    functional.reset_net(model)
+
+
+__all__ = ["SJ_NAMES", "gated_lif_node", "reset", "with_gated_lif_nodes"]
