@@ -3,7 +3,7 @@ side, on the paper's networks.
 
     python bench/memory.py                                   # all three nets, CPU (and CUDA when present)
     python bench/memory.py --nets resnet19 --devices cpu --rounds 3 --steps 2
-    python bench/memory.py --devices cuda --max-batch        # also the largest ResNet-19 T=6 batch per mode
+    python bench/memory.py --devices cuda --nets resnet19 --T 6 --batch 128 --max-batch  # the GPU figures
 
 Shape letters: t steps, b batch, c channels, h w space, k classes.
 
@@ -52,9 +52,10 @@ class Objective(torch.nn.Module):
         return F.cross_entropy(self.model(x), y)
 
 
-def make_input(net: str, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def make_input(net: str, batch: int, device: torch.device, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, classes, _, shape, _, _, _ = NETS[net]
     g = torch.Generator().manual_seed(0)
+    shape = (T, *shape[1:]) if net == "sew7b_wide" else shape  # DVS frames carry t
     x = torch.randn(batch, *shape, generator=g)
     if net == "sew7b_wide":
         x = x.abs().round()  # event counts
@@ -64,8 +65,8 @@ def make_input(net: str, batch: int, device: torch.device) -> tuple[torch.Tensor
 class Candidate:
     """One model + optimizer, eager or compiled, with a `step()` that trains on a fixed batch."""
 
-    def __init__(self, net: str, name: str, compiled: bool, device: torch.device, batch: int):
-        arch, classes, T, _, options, _, _ = NETS[net]
+    def __init__(self, net: str, name: str, compiled: bool, device: torch.device, batch: int, T: int):
+        arch, classes, _, _, options, _, _ = NETS[net]
         torch.manual_seed(0)
         mode = name.split()[-1] if name.startswith("glif2") else "off"
         self.model = glif2.create_model(arch, classes, T, memory=mode, **options)
@@ -81,7 +82,7 @@ class Candidate:
         elif compiled:
             self.objective = compile_model(self.objective, "default")
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
-        self.x, self.y = make_input(net, batch, device)
+        self.x, self.y = make_input(net, batch, device, T)
         self.device, self.times = device, []
 
     def forward(self) -> torch.Tensor:
@@ -109,15 +110,16 @@ class Candidate:
 
 def run_net(net: str, device: torch.device, args) -> list[dict]:
     batch = args.batch or NETS[net][5 if device.type == "cpu" else 6]
-    counter = glif2.create_model(*NETS[net][:3], **NETS[net][4]).to(device).eval()
-    neurons = neuron_steps(counter, make_input(net, batch, device)[0])
+    T = args.T or NETS[net][2]
+    counter = glif2.create_model(NETS[net][0], NETS[net][1], T, **NETS[net][4]).to(device).eval()
+    neurons = neuron_steps(counter, make_input(net, batch, device, T)[0])
     del counter
     rows, cands = [], {}
-    for compiled in (False, True):
+    for compiled in [c == "compiled" for c in args.compile]:
         for name in args.candidates:
             key = (name, compiled)
             try:
-                cand = Candidate(net, name, compiled, device, batch)
+                cand = Candidate(net, name, compiled, device, batch, T)
                 start = time.perf_counter()
                 cand.step()  # compiles when compiled
                 cand.sync()
@@ -128,6 +130,7 @@ def run_net(net: str, device: torch.device, args) -> list[dict]:
                 continue
             cands[key] = cand
             rows.append({"net": net, "device": device.type, "candidate": name, "compiled": compiled, "batch": batch,
+                         "T": T,
                          "saved_per_neuron_step": saved["bytes"] / neurons, "first_step_s": first})
     for _ in range(args.rounds):  # interleaved rounds
         for cand in cands.values():
@@ -178,7 +181,8 @@ def print_rows(rows: list[dict]) -> None:
     for row in rows:
         peak = f"  peak {row['peak_mib']:9.1f} MiB" if "peak_mib" in row else ""
         print(f"{row['net']:10} {row['device']:4} {row['candidate']:16} {'compiled' if row['compiled'] else 'eager':8}"
-              f"  b={row['batch']:<3} saved {row['saved_per_neuron_step']:7.3f} B/ns  step {row['step_ms']:9.1f} ms"
+              f"  T={row['T']} b={row['batch']:<3} saved {row['saved_per_neuron_step']:7.3f} B/ns"
+              f"  step {row['step_ms']:9.1f} ms"
               f"  x off {row['vs_off']:5.2f}{peak}  (first step {row['first_step_s']:.1f} s)", flush=True)
 
 
@@ -188,6 +192,9 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, cuda if present)")
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES, metavar="NAME")
     parser.add_argument("--batch", type=int, default=0, help="batch for every net (default: per net and device)")
+    parser.add_argument("--T", type=int, default=0, help="time steps for every net (default: per net)")
+    parser.add_argument("--compile", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="eager (train.py --compile none) and/or compiled (the whole objective)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per candidate per round")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

@@ -102,9 +102,9 @@ def decode(saved: Tensor, encoding: Encoding, shape: tuple[int, ...], dtype: tor
     """Rebuilds, bit for bit, the tensor a layer kept as `saved` under `encoding`.
 
     Under torch.compile the rebuilt tensor starts from an alias of `saved`: a node the forward does not have, so that
-    common-subexpression elimination cannot merge the backward's recomputation with the forward's computation (it
-    would then save the forward's intermediates, the spike masks of every step among them). Inductor drops the
-    alias; eagerly nothing is done."""
+    common-subexpression elimination cannot merge the rebuilding with the forward's own computation (the backward
+    would then use, and the partitioner keep, the forward's tensor itself: the T copies of a repeated image, say).
+    Inductor drops the alias; eagerly nothing is done."""
     if torch.compiler.is_compiling():
         saved = torch.ops.aten.alias(saved)
     if encoding is None:

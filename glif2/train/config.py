@@ -22,6 +22,7 @@ from typing import Any
 from glif2.checkpoint import CHECKPOINT_SUFFIXES
 from glif2.errors import ConfigError
 from glif2.layers import BN_KINDS
+from glif2.memory import MEMORY_MODES
 from glif2.models import list_models
 from glif2.neuron import GATE_MODES, PARAM_MODES, VARIANTS
 from pipelines import BACKENDS, DATASETS
@@ -34,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "variant": VARIANTS,
     "params": PARAM_MODES,
     "bn": BN_KINDS,
+    "memory": MEMORY_MODES,
     "param_groups": ("glif", "single"),
     "scheduler": ("auto", "cosine", "soft-cosine"),
     "amp_dtype": ("bfloat16", "float16"),
@@ -74,6 +76,9 @@ class TrainConfig:
     """learned, or static: tau, v_th, leak, v_reset and conduct fixed at their initial values (--static-param)."""
     bn: str = "td"
     """td (tdBN) or plain BatchNorm (what SyncBN training really runs, docs/training.md §6)."""
+    memory: str = "lean"
+    """Activations kept for backward (docs/performance.md §5): lean (packed spikes, one fused BN->GLIF unit), recompute
+    (also redo each conv in the backward: about 1 bit per neuron-step), off (plain autograd). The same results."""
     randomgate: bool = False
     """Re-draw every alpha/beta/gamma logit from U(-0.1, 0.1) after construction (docs/neuron.md §3.4)."""
     epochs: int = 200

@@ -120,8 +120,12 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path | None:
     if cfg.dataset != "digits" and not cfg.download and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data folder {cfg.data_dir!r} does not exist (dataset {cfg.dataset}); pass --data-dir "
                           "with the dataset root" + (", or --download" if cfg.dataset != "imagenet" else ""))
-    if cfg.compile == "reduce-overhead" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.compile == "reduce-overhead" and not cuda:
         raise ConfigError("compile=reduce-overhead needs CUDA (it is CUDA graphs); use auto, default or none")
+    if cfg.sync_bn and world_size > 1 and not cuda:
+        raise ConfigError("sync_bn across processes needs GPUs: torch's DDP refuses SyncBatchNorm on the CPU; "
+                          "drop --sync-bn (each process then normalises its own shard)")
     model_options(cfg)  # a model that cannot take the dataset's input is refused here, before any data is read
     if cfg.resume == "":
         return None
@@ -152,7 +156,7 @@ def model_options(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"model {cfg.model} takes {shapes[inputs['kind']]} but dataset {cfg.dataset} gives "
                           f"{shapes[info.kind]}; pick a model for {cfg.dataset}")
     options = dict(channel_wise=cfg.channel_wise, gate_mode=cfg.gate_mode, variant=cfg.variant, params=cfg.params,
-                   bn="plain" if cfg.sync_bn else cfg.bn, in_channels=info.in_channels)
+                   bn="plain" if cfg.sync_bn else cfg.bn, in_channels=info.in_channels, memory=cfg.memory)
     if inputs["input_size"]:
         options["input_size"] = info.input_size
     return options
