@@ -12,6 +12,7 @@ import argparse
 import os
 import pickle
 import random
+import re
 import tempfile
 import warnings
 import zipfile
@@ -131,29 +132,88 @@ def save_checkpoint(path: str | os.PathLike, **fields: Any) -> Path:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Reads any checkpoint file (ours or the reference's) with `weights_only=True`.
 
-    `argparse.Namespace` is allow-listed (the original GLIF code may store its args). Truncated, corrupt or
-    non-checkpoint files raise CheckpointError.
+    `argparse.Namespace` is allow-listed (the original GLIF code may store its args). A file that cannot be read
+    whole raises CheckpointError naming the file, what is wrong and what to do: empty, cut short (an interrupted
+    copy or download), a zip member whose bytes fail their checksum (torch itself does not check tensor data), a
+    pickle that needs code to load, or not a checkpoint at all.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    problem = _damage(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: cannot be read: {problem}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-        raise CheckpointError(
-            f"{path}: cannot be read with weights_only=True (not a checkpoint, or it holds Python objects other "
-            f"than tensors and plain types): {first}"
-        ) from e
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint file; "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # on bad input torch.load raises OSError, IndexError, EOFError, RuntimeError, ...
+        raise CheckpointError(f"{path}: cannot be read: {_explain(path, e)}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj
+
+
+# How torch.save's two formats begin: a zip archive (since torch 1.6), or the legacy pickle stream, whose first
+# pickle is a magic number.
+_ZIP_MAGIC = b"PK"  # a zip whose first member header is damaged still counts as a zip
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+_AGAIN = "copy or download it again (an interrupted copy or download leaves such a file)"
+
+
+def _format(path: Path) -> str:
+    """zip, legacy or other, by the first bytes (a file cut inside the magic still counts as its format)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    for name, magic in (("zip", _ZIP_MAGIC), ("legacy", _LEGACY_MAGIC)):
+        n = min(len(head), len(magic))
+        if n and head[:n] == magic[:n]:
+            return name
+    return "other"
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with the file before any unpickling, or None: empty, or a zip checkpoint cut short or with a
+    member whose bytes no longer match their CRC-32 (torch.load would return such tensors silently)."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"the file is empty (0 bytes); {_AGAIN}"
+    if _format(path) != "zip":
+        return None
+    if not zipfile.is_zipfile(path):  # the zip directory, at the end of the file, is missing
+        return f"it is a zip checkpoint cut short ({size} bytes; its end, the zip directory, is missing); {_AGAIN}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and checks its CRC-32
+    except Exception as e:  # zipfile raises BadZipFile, EOFError, OSError, zlib.error, ... on a damaged archive
+        return f"it is a damaged zip checkpoint ({type(e).__name__}: {e}); {_AGAIN}"
+    if bad is not None:
+        return f"its zip member {bad!r} is damaged (it fails the zip's checksum or header check); {_AGAIN}"
+    return None
+
+
+def _explain(path: Path, error: Exception) -> str:
+    """Why torch.load failed on a file that passed `_damage`, and what to do."""
+    text = " ".join(str(error).split())
+    if "WeightsUnpickler error:" in text:  # skip torch's advice to load unsafely
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+    needs = re.search(r"GLOBAL (\S+)", text) if isinstance(error, pickle.UnpicklingError) else None
+    if needs:
+        return (f"it holds a Python object of type {needs.group(1)}, which a safe load (weights_only=True) will not "
+                "build, as that would run code from the file; glif2 reads tensors and plain values only. If you "
+                "trust the file's source, save its tensors again: "
+                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'clean.pth')")
+    kind, cause = _format(path), f"{type(error).__name__}: {text[:160] or 'no message'}"
+    if kind == "legacy":
+        return f"it is a legacy (non-zip) PyTorch file that ends early or is damaged ({cause}); {_AGAIN}"
+    if kind == "zip":
+        return f"it is a zip file that torch cannot read as a checkpoint ({cause}); if it is one, {_AGAIN}"
+    with open(path, "rb") as f:
+        head = f.read(24)
+    return (f"it is not a PyTorch checkpoint: it starts with {head!r}, which is neither torch.save format ({cause}); "
+            "pass a file written by torch.save")
 
 
 def is_ours(ckpt: dict[str, Any]) -> bool:
@@ -244,7 +304,10 @@ def load_reference_checkpoint(
 
 
 def _load_reference(path, ckpt, arch=None, num_classes=None, T=None, **options) -> nn.Module:
-    sd = released.reference_state_dict(ckpt)
+    try:
+        sd = released.reference_state_dict(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     found = released.resolve(path, sd, arch, num_classes, T)
     arch, num_classes, T = found["arch"], found["num_classes"], found["T"]
     model = create_model(arch, num_classes, T, **{**found["options"], **options})

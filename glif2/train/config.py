@@ -118,6 +118,9 @@ class TrainConfig:
     reduce-overhead."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu or cuda."""
+    dist_timeout: int = 600
+    """Seconds the process-group set-up and each collective may wait for the other ranks before failing (torch's
+    default is 30 minutes): how long a rank can wait on a peer that is gone."""
     threads: int = 0
     """CPU threads per process (torch.set_num_threads); 0 keeps torch's default. Small nets on a shared machine run
     faster and steadier on one thread (a busy core stalls every parallel region of a multi-threaded step)."""
@@ -153,7 +156,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name}={value} must be a finite number")
-        for name in ("T", "epochs", "batch_size", "log_interval"):
+        for name in ("T", "epochs", "batch_size", "log_interval", "dist_timeout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         for name in ("eval_batch_size", "t_max", "max_steps", "num_workers", "threads"):

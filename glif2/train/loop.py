@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import pipelines
 from glif2.analysis import glif_layers
 from glif2.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from glif2.compile import compile_model, compile_step
-from glif2.errors import ConfigError
+from glif2.errors import CheckpointError, ConfigError
 from glif2.models import create_model
 from glif2.models.registry import model_inputs
 from glif2.neuron import randomize_gates
@@ -134,7 +134,11 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path | None:
         if cfg.resume == "auto":
             return None  # nothing to continue: a fresh run
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file")
-    saved = load_checkpoint(path).get("config")
+    try:
+        saved = load_checkpoint(path).get("config")
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}. Resume from another checkpoint (--resume PATH, e.g. the run's "
+                              "best.pt) or start a new run under another --name") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} has no training config: not a train.py checkpoint")
     saved = TrainConfig.from_dict(saved)
@@ -423,7 +427,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     test_acc, stopped (a StopReason), run_dir}."""
     world_size = dist.env_world_size()
     resume_path = preflight(cfg, world_size)
-    info = dist.init(cfg.device)
+    info = dist.init(cfg.device, cfg.dist_timeout)
     dist.print0(f"glif2 train: {cfg.name} on {world_size} x {info.device}")
     with process_state(cfg):
         run = build_run(cfg, info, resume_path)
@@ -447,7 +451,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            stopped = fit(run)
+            # Distributed, SIGTERM may come from torchrun because a peer died: a stop that cannot finish must not wait.
+            with dist.stop_deadline() if info.distributed else nullcontext():
+                stopped = fit(run)
         finally:
             signal.signal(signal.SIGTERM, previous)
             run.logger.close()
