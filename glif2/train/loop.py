@@ -350,13 +350,13 @@ def train_epoch(run: Run, skip: int) -> tuple[StopReason | None, bool, Tensor]:
     the epoch's training is complete; the on-device epoch sums loss x n, correct, n). Every rank returns the same:
     a stop asked on any rank is seen by all at the same log point."""
     cfg, steps = run.cfg, len(run.train_loader)
-    run.train_loader.set_epoch(run.epoch)
+    # A mid-epoch resume starts at batch `skip`: the loader yields exactly the batches an uninterrupted epoch would
+    # have yielded from there (augmentation is a function of seed, epoch and sample), without reading the others.
+    run.train_loader.set_epoch(run.epoch, start_batch=skip)
     run.step_module.train()
     epoch_sums = torch.zeros(3, dtype=torch.float64, device=run.device)
     window = Window(run.device)
-    for i, (x, y) in enumerate(run.train_loader):
-        if i < skip:  # a mid-epoch resume: these batches were trained on before the checkpoint
-            continue
+    for i, (x, y) in enumerate(run.train_loader, start=skip):
         loss, logits = train_step(run, x, y)
         window.add(loss, logits, y)
         last = i == steps - 1
