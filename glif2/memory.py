@@ -270,6 +270,25 @@ class Branch:
     conv: tuple | None = None
 
 
+@torch.library.custom_op("glif2::batch_norm_train", mutates_args=("running_mean", "running_var"))
+def batch_norm_train(y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                     momentum: float, eps: float, group: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN of y without autograd: (output, batch mean, batch invstd), running statistics updated in
+    place (empty running tensors: none kept; group "": this process's batch). The ATen kernel the plain path runs, kept
+    opaque under torch.compile so that the backward's recomputation (the same kernel) rebuilds the output bit for
+    bit."""
+    rm, rv = (r if r.numel() else None for r in (running_mean, running_var))
+    if not group:
+        return torch.ops.aten.native_batch_norm(y, weight, bias, rm, rv, True, momentum, eps)
+    return _sync_forward(y, weight, bias, rm, rv, momentum, eps, _group(group))
+
+
+@batch_norm_train.register_fake
+def _(y, weight, bias, running_mean, running_var, momentum, eps, group):
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return y.new_empty(y.shape), y.new_empty((y.shape[1],), dtype=acc), y.new_empty((y.shape[1],), dtype=acc)
+
+
 @torch.library.custom_op("glif2::unit_forward", mutates_args=())
 def unit_forward(v: Tensor, tensors: list[Tensor], coeffs: list[Tensor], spec: str) -> Tensor:
     """GLIF over the (already computed, time-merged) input v, or v itself when the unit has no neuron. `tensors`
@@ -278,9 +297,8 @@ def unit_forward(v: Tensor, tensors: list[Tensor], coeffs: list[Tensor], spec: s
     neuron, eager = json.loads(spec)[1:]
     if neuron is None:
         return v.clone()
-    t, pattern = neuron["t"], neuron["pattern"]
-    v_t = split_time(v, t)
-    return fused_kernels(eager)[0](rearrange(v_t, pattern), GLIFCoeffs(*coeffs)).reshape(v_t.shape)
+    v_t = split_time(v, neuron["t"])
+    return fused_kernels(eager)[0](rearrange(v_t, neuron["pattern"]), GLIFCoeffs(*coeffs)).reshape(v_t.shape)
 
 
 @unit_forward.register_fake
@@ -370,28 +388,26 @@ def _unit_setup_context(ctx, inputs, output):
         conv_weights.append(conv_w)  # an empty tensor when the branch has no conv
         stats += [bn_w, bn_b, mean, invstd]
     ctx.save_for_backward(*kept, *conv_weights, *stats, *coeffs)
-    ctx.counts = (len(branches), len(coeffs))
+    ctx.counts = len(branches)
     ctx.spec = spec
     ctx.needs = [t.requires_grad for t in tensors]
 
 
 def _unit_backward(ctx, grad: Tensor):
-    n, n_coeffs = ctx.counts
+    n = ctx.counts
     saved = ctx.saved_tensors
     kept, conv_weights, stats, coeffs = saved[:n], saved[n : 2 * n], saved[2 * n : 6 * n], saved[6 * n :]
     spec = json.loads(ctx.spec)
-    needs = ctx.needs
     for k, br in enumerate(spec[0]):
-        z, _, cw, w, b = needs[k * BRANCH_TENSORS : k * BRANCH_TENSORS + 5]
+        z, _, cw, w, b = ctx.needs[k * BRANCH_TENSORS : k * BRANCH_TENSORS + 5]
         br["needs"] = [z, cw, w, b]
-    grads = unit_backward(grad, list(kept), list(conv_weights), list(stats), list(coeffs), json.dumps(spec))
+    out = unit_backward(grad, list(kept), list(conv_weights), list(stats), list(coeffs), json.dumps(spec))
     tensor_grads = []
     for k, br in enumerate(spec[0]):
-        gz, g_cw, g_w, g_b = (g if need else None for g, need in zip(grads[4 * k : 4 * k + 4], br["needs"],
+        gz, g_cw, g_w, g_b = (g if need else None for g, need in zip(out[4 * k : 4 * k + 4], br["needs"],
                                                                       strict=True))
         tensor_grads += [gz, None, g_cw, g_w, g_b, None, None]
-    d_coeffs = list(grads[4 * n :]) if n_coeffs else []
-    return None, tensor_grads, d_coeffs, None
+    return None, tensor_grads, list(out[4 * n :]), None
 
 
 torch.library.register_autograd("glif2::unit_forward", _unit_backward, setup_context=_unit_setup_context)
@@ -436,6 +452,17 @@ def _sync_stats(y: Tensor, eps: float, group) -> tuple[Tensor, Tensor, Tensor, T
     m2 = _all_sum(((y.to(acc) - rearrange(mean, _C)) ** 2).sum((0, 2, 3)), group)
     var = m2 / count
     return mean, var, torch.rsqrt(var + eps), count
+
+
+def _sync_forward(y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                  momentum: float, eps: float, group) -> tuple[Tensor, Tensor, Tensor]:
+    """(BN output, mean, invstd) with the statistics of the global batch; running statistics updated in place."""
+    mean, var, invstd, count = _sync_stats(y, eps, group)
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        unbiased = var * count / (count - 1).clamp(min=1)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return _sync_apply(y, weight, bias, mean, invstd), mean, invstd
 
 
 def _sync_apply(y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
@@ -485,13 +512,13 @@ def _bn_parts(bn: _BatchNorm) -> tuple[Tensor, Tensor, float]:
     batch as its forward does."""
     if not bn.affine:
         raise ValueError("the lean memory modes need affine BatchNorm layers; use memory='off'")
+    if bn.momentum is None:
+        raise ValueError("the lean memory modes need BatchNorm layers with a momentum (not the cumulative average of "
+                         "momentum=None); use memory='off'")
     weight = bn.train_weight() if isinstance(bn, tdBatchNorm) else bn.weight
-    momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)  # a host sync, as in BatchNorm2d
-    return weight, bn.bias, momentum
+    return weight, bn.bias, bn.momentum
 
 
 def _sync_group(bn: nn.Module):
@@ -501,37 +528,25 @@ def _sync_group(bn: nn.Module):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _stats(bn: _BatchNorm, y: Tensor, weight: Tensor, momentum: float, group) -> tuple[Tensor, ...]:
-    """(BN output, batch mean, batch invstd) of y in training mode, running statistics updated; no autograd."""
-    running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
-    if group is None:
-        return torch.ops.aten.native_batch_norm(y, weight, bn.bias, *running, True, momentum, bn.eps)
-    mean, var, invstd, count = _sync_stats(y, bn.eps, group)
-    if bn.track_running_stats:
-        running[0].mul_(1 - momentum).add_(mean.to(running[0].dtype), alpha=momentum)
-        unbiased = var * count / (count - 1).clamp(min=1)
-        running[1].mul_(1 - momentum).add_(unbiased.to(running[1].dtype), alpha=momentum)
-    return _sync_apply(y, weight, bn.bias, mean, invstd), mean, invstd
-
-
 def unit(branches: list[Branch], neuron: GLIF | None, lean: Lean, t: int) -> Tensor:
     """GLIF(sum_k BN_k(y_k)) as one unit (the GLIF input is never kept). Returns `t b c h w` spikes, or the
     time-merged sum `(t b) c h w` when there is no neuron."""
-    tensors: list[Tensor | None] = []
-    statics = []
+    tensors, statics = [], []
     v = None
-    parts = [_bn_parts(br.bn) for br in branches]  # with autograd: the training weight's gradient path
-    with torch.no_grad():
-        for br, (weight, bias, momentum) in zip(branches, parts, strict=True):
-            group = _sync_group(br.bn)
+    for br in branches:
+        weight, bias, momentum = _bn_parts(br.bn)  # with autograd: the training weight's gradient path
+        group = _sync_group(br.bn)
+        none = br.z.new_empty((0,))  # a custom op takes no None in a tensor list
+        running = (br.bn.running_mean, br.bn.running_var) if br.bn.track_running_stats else (none, none)
+        with torch.no_grad():
             y = F.conv2d(br.z, br.conv_weight, None, *br.conv) if br.conv is not None else br.z
-            out, mean, invstd = _stats(br.bn, y, weight.detach(), momentum, group)
-            v = out if v is None else v + out  # the plain path's add, in its order
-            none = br.z.new_empty((0,))  # a custom op takes no None in a tensor list
-            tensors += [br.z, none if br.kept is None else br.kept,
-                        none if br.conv_weight is None else br.conv_weight, weight, bias, mean, invstd]
-            statics.append((br.encoding, br.conv, br.bn.eps, br.kept is None,
-                            None if group is None else group.group_name, tuple(br.z.shape), br.z.dtype))
+            out, mean, invstd = batch_norm_train(y, weight.detach(), bias.detach(), *running, momentum, br.bn.eps,
+                                                 "" if group is None else group.group_name)
+        v = out if v is None else v + out  # the plain path's add, in its order
+        tensors += [br.z, none if br.kept is None else br.kept, none if br.conv_weight is None else br.conv_weight,
+                    weight, bias, mean, invstd]
+        statics.append((br.encoding, br.conv, br.bn.eps, br.kept is None, None if group is None else group.group_name,
+                        tuple(br.z.shape), br.z.dtype))
     spec_neuron, coeffs = None, []
     if neuron is not None:
         spec_neuron = (t, neuron.flat_pattern(), neuron.surrogate, neuron.surrogate_width)
