@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         tp = _flag_type(hints[f.name])
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name, ""))
+        elif typing.get_origin(tp) is tuple:  # a fixed number of values: --gate-init 0.6 0.8 0.6
+            args = typing.get_args(tp)
+            parser.add_argument(flag, type=args[0], nargs=len(args), default=None, help=docs.get(f.name, ""),
+                                metavar=f.name.upper())
         else:
             parser.add_argument(flag, type=tp, default=None, help=docs.get(f.name, ""), choices=choices.get(f.name),
                                 metavar=None if f.name in choices else f.name.upper())

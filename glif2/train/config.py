@@ -72,6 +72,8 @@ class TrainConfig:
     """Gate mode: soft (the README's --soft-mode), hard, static_soft, static_hard."""
     variant: str = "glif"
     """glif, or glif_f (the gate-free ablation, --softsimple)."""
+    gate_init: tuple[float, float, float] = (0.6, 0.8, 0.6)
+    """Initial (alpha, beta, gamma) gate values g in (-0.5, 1.5), stored as logit(0.25 + g / 2) (the authors' --gate)."""
     params: str = "learned"
     """learned, or static: tau, v_th, leak, v_reset and conduct fixed at their initial values (--static-param)."""
     bn: str = "td"
@@ -140,6 +142,7 @@ class TrainConfig:
     """Write TensorBoard scalars to <run>/tb (needs the `train` extra)."""
 
     def __post_init__(self) -> None:
+        self.gate_init = tuple(self.gate_init)  # a list when read from JSON or the command line
         self.validate()
 
     @property
@@ -167,6 +170,9 @@ class TrainConfig:
         if self.gate_lr_divisor <= 0:
             raise ConfigError(f"gate_lr_divisor={self.gate_lr_divisor} must be positive (the gates learn at "
                               "lr / gate_lr_divisor)")
+        if len(self.gate_init) != 3 or not all(-0.5 < g < 1.5 for g in self.gate_init):
+            raise ConfigError(f"gate_init={tuple(self.gate_init)} must be three values in (-0.5, 1.5) for (alpha, "
+                              "beta, gamma)")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum} must lie in [0, 1)")
         if self.weight_decay < 0:

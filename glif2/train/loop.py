@@ -159,7 +159,8 @@ def model_options(cfg: TrainConfig) -> dict[str, Any]:
         shapes = {"image": "images `b c h w`", "frames": "event frames `b t c h w`"}
         raise ConfigError(f"model {cfg.model} takes {shapes[inputs['kind']]} but dataset {cfg.dataset} gives "
                           f"{shapes[info.kind]}; pick a model for {cfg.dataset}")
-    options = dict(channel_wise=cfg.channel_wise, gate_mode=cfg.gate_mode, variant=cfg.variant, params=cfg.params,
+    options = dict(channel_wise=cfg.channel_wise, gate_mode=cfg.gate_mode, gate_init=tuple(cfg.gate_init),
+                   variant=cfg.variant, params=cfg.params,
                    bn="plain" if cfg.sync_bn else cfg.bn, in_channels=info.in_channels, memory=cfg.memory)
     if inputs["input_size"]:
         options["input_size"] = info.input_size
