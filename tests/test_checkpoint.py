@@ -1,5 +1,5 @@
-"""glif2.checkpoint and glif2.convert: the released-file loader (fixtures built from the key tables of docs/networks.md §8.3),
-our checkpoint round trip and its atomic write."""
+"""glif2.checkpoint and glif2.convert: the released-file loader (fixtures built from the key tables of
+docs/networks.md §8.3), our checkpoint round trip and its atomic write."""
 
 import argparse
 import os
