@@ -27,6 +27,7 @@ from pipelines._common import (
     TensorLoader,
     check_common,
     crop_flip,
+    epoch_seed,
     is_train_split,
     random_crop_flip_params,
 )
@@ -204,16 +205,20 @@ class CifarDali(DaliLoader):
         self.mean, self.std = mean, std
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
         self._pipe = None
+        self._pipe_epoch = -1
 
     def _pipeline(self, batches: list[np.ndarray]) -> Any:
-        if self._pipe is None or not self._clean:
+        # Training crops and mirrors are drawn from a seed of (seed, epoch, rank), like every other loader's, so a run
+        # resumed at epoch e sees the augmentation an uninterrupted one does: a new pipeline for every epoch.
+        if self._pipe is None or not self._clean or (self.train and self._pipe_epoch != self.epoch):
             # A pass abandoned mid-epoch leaves prefetched batches queued: start from a fresh pipeline.
             self._pipe = None
             self.feed.start([])
             self._pipe = dali_pipeline(
                 self.feed, train=self.train, mean=self.mean, std=self.std, cuda=self.device.type == "cuda",
                 batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id(),
-                seed=self.seed * 1000 + self.rank)
+                seed=epoch_seed(self.seed, self.epoch, 1 + self.rank) % 2**31)
+            self._pipe_epoch = self.epoch
         self.feed.start(batches)
         return self._pipe
 

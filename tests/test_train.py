@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs
+from datasets_fixtures import write_cifar
 from einops import reduce, repeat
 from torch import nn
 from torch._dynamo.utils import counters
@@ -218,6 +220,23 @@ def test_resume_mid_epoch_is_bitwise(tmp_path):
     params = [json.loads(line) for line in (tmp_path / "split" / "glif_params.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in params] == [0, 1, 2]
     assert set(params[-1]["layers"]["features.1"]["alpha"]) == {"mean", "std", "min", "q25", "median", "q75", "max"}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs("nvidia.dali"))])
+def test_resume_mid_epoch_with_augmentation_is_bitwise(tmp_path, backend):
+    """CIFAR in its real format (random pixels): crops and mirrors must come from (seed, epoch) alone, so that a run
+    resumed mid-epoch sees the augmentation an uninterrupted one saw (docs/training.md §5)."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (112, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 112)
+    write_cifar(str(tmp_path / "data"), "cifar10", images[:96], labels[:96], images[96:], labels[96:])
+    flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--backend", backend, "--model",
+             "glifnet_small", "--batch-size", "16", "--eval-batch-size", "16", "--epochs", "2", "--deterministic"]
+    full = run(tmp_path, *flags, name="full")
+    run(tmp_path, *flags, "--max-steps", "8", name="split")  # 6 steps per epoch: stops in epoch 2
+    resumed = run(tmp_path, *flags, "--resume", "auto", name="split")
+    assert full["step"] == resumed["step"] == 12
+    assert_same_training_state(load_checkpoint(tmp_path / "full" / "last.pt"),
+                               load_checkpoint(tmp_path / "split" / "last.pt"))
 
 
 _WRITER = """
