@@ -1,17 +1,73 @@
-import os
+"""Shared test set-up: hypothesis profiles, optional oracles that cannot vanish in CI, and a guard that no test leaves
+global state behind.
 
+- Hypothesis: `ci` (derandomized: the same cases every run, no deadline) when CI is set, else `dev` (new random
+  cases every run); HYPOTHESIS_PROFILE overrides either.
+- Optional oracles and backends (SpikingJelly, DALI, matplotlib, ...): `require("module")` imports one inside a
+  test, and `needs("module")` marks a test or a parametrized case. Outside CI a missing module skips; in CI
+  (CI=true, set by .ci/run) it fails, so a broken install cannot turn checks into silent skips.
+- Every test starts from the same seeds (torch, numpy, random) and must leave the process as it found it:
+  deterministic mode, threads, cuDNN flags, default dtype, grad mode, the model registry, dynamo's config, signal
+  handlers, process groups and the environment (see `global_state`).
+"""
+
+import importlib
+import os
+import random
+import signal
+
+import numpy as np
 import pytest
 import torch
+import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
 from hypothesis import HealthCheck, settings
 
-# `ci`: reproducible (derandomized) and without deadlines, since compiling a kernel can take seconds.
+from glif2.models import list_models
+
+CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+# `ci`: reproducible (derandomized) and without deadlines, since compiling a kernel can take seconds. `dev`: fresh
+# random cases on every local run (failures are replayed from the local .hypothesis database).
 settings.register_profile(
     "ci", derandomize=True, deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("dev", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile(
+    "dev", derandomize=False, deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if CI else "dev"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# optional oracles and backends
+
+
+def missing(module: str) -> str | None:
+    """Why `module` cannot be imported (None when it can). Finding the spec is not enough: a broken install imports
+    badly, so the module is imported."""
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or whatever a broken install raises on import
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def require(module: str):
+    """Imports an optional oracle or backend for a test: skips when it is missing, except in CI, where it fails."""
+    reason = missing(module)
+    if reason is None:
+        return importlib.import_module(module)
+    if CI:
+        pytest.fail(f"{module} is required in CI (CI=true) but cannot be imported: {reason}", pytrace=False)
+    pytest.skip(f"{module} not installed ({reason})")
+
+
+def needs(*modules: str) -> pytest.MarkDecorator:
+    """A mark for a test or a parametrized case (`pytest.param("dali", marks=needs("nvidia.dali"))`): skipped when a
+    module is missing outside CI. In CI nothing is skipped: the case runs and fails on the missing module."""
+    absent = [m for m in modules if missing(m)]
+    return pytest.mark.skipif(bool(absent) and not CI, reason=f"not installed: {', '.join(absent)}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,3 +77,47 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# no global state between tests
+
+ENV_KEYS = ("CUBLAS_WORKSPACE_CONFIG", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def global_state() -> dict:
+    """Process-wide settings a test (or the code under test) could change and forget to put back."""
+    return {
+        "deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
+                                     torch.is_deterministic_algorithms_warn_only_enabled()),
+        "threads": torch.get_num_threads(),
+        "cudnn": (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic),
+        "float32 matmul precision": torch.get_float32_matmul_precision(),
+        "default dtype": torch.get_default_dtype(),
+        "grad mode": torch.is_grad_enabled(),
+        "autocast": torch.is_autocast_enabled("cpu"),
+        "registered models": tuple(list_models()),
+        "dynamo config": dynamo_config.get_config_copy(),
+        "inductor config": {k: v for k, v in inductor_config.get_config_copy().items() if not callable(v)},
+        "signal handlers": (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)),
+        "process group": torch.distributed.is_available() and torch.distributed.is_initialized(),
+        "environment": {k: os.environ.get(k) for k in ENV_KEYS},
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_global_state():
+    """Seeds every test alike (its result cannot depend on the tests before it) and fails it when it changed a
+    process-wide setting (see `global_state`) without putting it back."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    before = global_state()
+    yield
+    after = global_state()
+    leaked = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if "dynamo config" in leaked or "inductor config" in leaked:  # name the keys, not two whole dicts
+        for name in ("dynamo config", "inductor config"):
+            if name in leaked:
+                a, b = leaked[name]
+                leaked[name] = {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert not leaked, f"the test left global state changed (before, after): {leaked}"

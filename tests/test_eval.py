@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import glif2
+import pipelines
 from glif2.analysis import glif_layers
 from glif2.train import cli, evaluation
 
@@ -21,8 +22,14 @@ def tiny_checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
     torch.manual_seed(0)
     paths = []
+    x, _ = next(iter(pipelines.build_loader("digits", "train", data_dir=None, batch_size=256)))
     for i, T in enumerate((2, 3)):
         model = glif2.create_model("glifnet_small", 10, T, eager=True)  # eager: no kernel compilation in tests
+        with torch.no_grad():  # BN statistics of real digits, so that every layer fires in evaluation
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.momentum = 1.0
+            model(x)
         paths.append(glif2.save_checkpoint(folder / f"tiny{i}.pt", model=model, epoch=i,
                                            config={"dataset": "digits"}))
     return folder, paths
@@ -37,9 +44,26 @@ def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
     assert row["checkpoint"] == str(paths[0]) and row["format"] == "glif2" and row["dataset"] == "digits"
     assert (row["arch"], row["T"], row["num_classes"], row["num_samples"]) == ("glifnet_small", 2, 10, 360)
     assert 0 <= row["top1"] <= row["top5"] <= 100 and row["loss"] > 0 and row["images_per_s"] > 0
-    model = glif2.load_model(paths[0])
-    assert list(row["firing_rates"]) == [name for name, _ in glif_layers(model)]
-    assert all(0 <= r <= 1 for r in row["firing_rates"].values()) and 0 <= row["firing_rate"] <= 1
+    # every number again by hand: the checkpoint's model in eval mode over the whole digits test split
+    model = glif2.load_model(paths[0], eager=True).eval()
+    spikes = {name: [] for name, _ in glif_layers(model)}
+    handles = [m.register_forward_hook(lambda m, i, o, n=name: spikes[n].append(o.detach()))
+               for name, m in glif_layers(model)]
+    x, y = (torch.cat(v) for v in zip(*pipelines.build_loader("digits", "test", data_dir=None, batch_size=360),
+                                      strict=True))
+    with torch.no_grad():
+        logits = model(x)
+    for h in handles:
+        h.remove()
+    assert row["top1"] == pytest.approx(100 * (logits.argmax(1) == y).double().mean().item(), abs=1e-9)
+    assert row["top5"] == pytest.approx(100 * (logits.topk(5, 1).indices == y[:, None]).any(1).double().mean().item())
+    assert row["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    rates = {name: torch.cat(s, dim=1).mean().item() for name, s in spikes.items()}  # t b c h w, over one pass
+    assert list(row["firing_rates"]) == list(rates) and row["firing_rates"] == pytest.approx(rates, rel=1e-6)
+    assert all(0 < r < 1 for r in rates.values())
+    sizes = {name: torch.cat(s, dim=1).numel() for name, s in spikes.items()}
+    overall = sum(rates[n] * sizes[n] for n in rates) / sum(sizes.values())
+    assert row["firing_rate"] == pytest.approx(overall, rel=1e-6)
     printed = capsys.readouterr().out
     assert "top-1" in printed and "features.1" in printed and "images/s" in printed
 

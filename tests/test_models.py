@@ -147,24 +147,64 @@ def test_small_inputs_and_in_channels():
         assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
-def test_forward_steps_mean_is_forward_and_firing_rates():
+def captured(module: torch.nn.Module, run) -> torch.Tensor:
+    """The output of `module` during `run()` (a forward hook, removed afterwards)."""
+    out = []
+    handle = module.register_forward_hook(lambda m, i, o: out.append(o.detach()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    (value,) = out
+    return value
+
+
+def test_per_step_logits_and_their_mean():
+    # The head by hand, per step, from the last block's output: pool over space, then the head's matrices.
     torch.manual_seed(0)
-    model = glif2.create_model("resnet19", 10, 3, eager=True).eval()
-    x = torch.randn(2, 3, 8, 8)
-    steps = model.forward_steps(x)
-    assert steps.shape == (3, 2, 10)
-    torch.testing.assert_close(steps.mean(0), model(x))
+    model = glif2.create_model("resnet19", 10, 3, eager=True).double()  # batch statistics: fresh BN fires in training
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    feats = captured(model.features[-1], lambda: model(x))  # t b c h w
+    w1, w2 = model.lastave[0].weight, model.lastave[1].weight
+    by_hand = torch.stack([feats[t].mean(dim=(2, 3)) @ w1.T @ w2.T for t in range(3)])  # t b k
+    assert not torch.allclose(by_hand[0], by_hand[1])  # the steps differ, so the mean is a real check
+    torch.testing.assert_close(model.forward_steps(x), by_hand, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model(x), (by_hand[0] + by_hand[1] + by_hand[2]) / 3, rtol=1e-12, atol=1e-12)
+
+    # The DVS net applies its linear head to the mean over t of the flattened features (as the reference).
+    dvs = glif2.create_model("sew7b_wide", 10, 2, input_size=16, eager=True).double().eval()
+    frames = torch.rand(2, 2, 2, 16, 16, dtype=torch.float64).round()
+    f = captured(dvs.conv, lambda: dvs(frames)).flatten(2)  # t b (c h w)
+    w, bias = dvs.out.weight, dvs.out.bias
+    torch.testing.assert_close(dvs(frames), (f[0] + f[1]) / 2 @ w.T + bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dvs.forward_steps(frames), torch.stack([f[0] @ w.T + bias, f[1] @ w.T + bias]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_firing_rates_count_every_spike():
+    # Per layer: the spikes it emits over the neurons and steps it has, counted by hand from its own output.
+    torch.manual_seed(0)
+    model = glif2.create_model("glifnet_small", 10, 3, eager=True)  # batch statistics: fresh BN fires in training
+    x = torch.randn(5, 1, 8, 8)
+    layers = dict(glif_layers(model))
+    spikes = {sign: {name: captured(layer, lambda s=sign: model(s * x)) for name, layer in layers.items()}
+              for sign in (1, -1)}  # t b c h w per layer, for two different batches
+    once = {name: s.sum().item() / s.numel() for name, s in spikes[1].items()}
+    assert len(set(once.values())) == len(once) and all(0 < r < 1 for r in once.values())
     rates = firing_rates(model, x)
-    assert list(rates) == [name for name, _ in glif_layers(model)] and len(rates) == 17
-    assert all(0.0 <= r <= 1.0 for r in rates.values())
-    with FiringRates(model) as fr:
+    assert list(rates) == list(layers)
+    assert rates == pytest.approx(once, rel=1e-12)
+
+    with FiringRates(model) as fr:  # accumulated over calls
         model(x)
-        model(x)
-    assert fr.counts["conv1.1"] == 2 * 3 * 2 * 128 * 8 * 8
+        model(-x)
+    both = {name: (spikes[1][name].sum() + spikes[-1][name].sum()).item() / (2 * spikes[1][name].numel())
+            for name in layers}
+    assert fr.rates() == pytest.approx(both, rel=1e-12) and fr.rates() != pytest.approx(once, rel=1e-3)
+    assert fr.counts["features.1"] == 2 * 3 * 5 * 32 * 8 * 8
+    total = sum((spikes[1][n].sum() + spikes[-1][n].sum()).item() for n in layers)
+    assert fr.overall() == pytest.approx(total / sum(2 * spikes[1][n].numel() for n in layers), rel=1e-12)
     assert not any(m._forward_hooks for m in model.modules())  # hooks are gone afterwards
-    dvs = glif2.create_model("sew7b_wide", 10, 2, input_size=16, eager=True).eval()
-    frames = torch.rand(1, 2, 2, 16, 16).round()
-    torch.testing.assert_close(dvs.forward_steps(frames).mean(0), dvs(frames))
 
 
 def test_input_contract_errors():

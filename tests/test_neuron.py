@@ -1,9 +1,12 @@
 """GLIF against the paper's equations: a float64 reference, reductions, worked vectors, SpikingJelly, errors."""
 
+import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
+from conftest import require
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import naive_glif
@@ -68,16 +71,27 @@ def membranes(m: GLIF, x: torch.Tensor) -> torch.Tensor:
 # --- properties -------------------------------------------------------------------------------------------------
 
 @st.composite
-def neuron_and_input(draw):
-    t = draw(st.integers(1, 5))
-    channels = draw(st.sampled_from([None, 3]))
+def neuron_and_input(draw, min_t: int = 1):
+    """A neuron of any variant, gate mode and parameter spread, eager or compiled, and an input for it. Compiled
+    draws keep to a few shapes: each new shape is a new kernel compilation (seconds)."""
+    eager = draw(st.booleans())
+    channels = draw(st.sampled_from([None, 1, 2, 3, 5]) if eager else st.sampled_from([None, 3]))
+    c = channels or draw(st.integers(1, 4))
+    if eager:
+        t, b = draw(st.integers(min_t, 6)), draw(st.integers(1, 3))
+        trailing = draw(st.sampled_from([(), (1,), (2,), (2, 3), (3, 1, 2)]))
+    else:
+        t, b, c, trailing = max(min_t, 3), 2, 3, (2, 3)
     variant = draw(st.sampled_from(["glif", "glif_f"]))
     gates = draw(st.sampled_from(GATE_MODES))
+    params = draw(st.sampled_from(["learned", "static"]))
+    spread = draw(st.floats(0.0, 3.0))  # logits this far (std) from the defaults
+    scale, offset = draw(st.floats(0.1, 3.0)), draw(st.floats(-1.0, 1.5))
     seed = draw(st.integers(0, 2**16))
-    trailing = draw(st.sampled_from([(), (2,), (2, 3)]))
     g = torch.Generator().manual_seed(seed)
-    m = perturbed(GLIF(t, channels, variant=variant, gate_mode=gates, eager=True), seed)
-    x = torch.randn((t, 2, 3, *trailing), generator=g) * 0.8 + 0.4
+    m = GLIF(t, channels, variant=variant, gate_mode=gates, params=params, eager=eager)
+    m = perturbed(m, seed, spread)
+    x = torch.randn((t, b, c, *trailing), generator=g) * scale + offset
     return m, x
 
 
@@ -89,12 +103,12 @@ def test_spikes_are_binary_with_input_shape_and_dtype(case):
     assert set(s.unique().tolist()) <= {0.0, 1.0}
 
 
-@given(neuron_and_input(), st.data())
+@given(neuron_and_input(min_t=2), st.data())
 def test_causality(case, data):
     m, x = case
-    t = data.draw(st.integers(0, x.shape[0] - 1))
+    t = data.draw(st.integers(0, x.shape[0] - 2))  # at least one later step is changed
     y = x.clone()
-    y[t + 1 :] = torch.randn_like(y[t + 1 :]) * 3
+    y[t + 1 :] = torch.randn_like(y[t + 1 :]) * 3 + 1
     assert torch.equal(m(x)[: t + 1], m(y)[: t + 1])
 
 
@@ -228,16 +242,31 @@ def test_default_init_values():
 
 
 def test_randomize_gates():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(GLIF(4, 64), GLIF(4), GLIF(4, 64, variant="glif_f"))
+    net = torch.nn.Sequential(GLIF(4, 64), GLIF(4), GLIF(4, 64, variant="glif_f"), GLIF(4, 64, gate_mode="static_soft"))
     before = net[2].gamma.clone()
     randomize_gates(net)
-    for m in net[:2]:
+    drawn = []
+    for m in (net[0], net[3]):  # channel-wise: every channel its own draw from U(-0.1, 0.1)
         for name in ("alpha", "beta", "gamma"):
             v = getattr(m, name)
-            assert v.abs().max() <= 0.1 and not torch.allclose(v, torch.zeros_like(v) + v.flatten()[0] + 1)
-    assert net[0].alpha.std() > 0.03  # per channel, not one value
+            assert v.dtype == torch.float32 and v.requires_grad == (m.gate_mode == "soft"), name
+            assert v.abs().max() <= 0.1 and v.unique().numel() == 64, name
+            # the spread of U(-0.1, 0.1) over 64 draws: std 0.058, both ends reached
+            assert 0.04 < v.std() < 0.075 and v.min() < -0.07 and v.max() > 0.07, (name, v.std(), v.min(), v.max())
+            drawn.append(v.detach().clone())
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(drawn, 2))  # independent draws
+    layer = [getattr(net[1], name).item() for name in ("alpha", "beta", "gamma")]
+    assert all(abs(v) <= 0.1 for v in layer) and len(set(layer)) == 3  # redrawn (the init logits are >= 0.2)
     assert torch.equal(net[2].gamma, before)  # GLIF_f keeps its init, as in the reference
+
+    wide = torch.nn.Sequential(GLIF(4, 64))
+    names = [n for n, _ in wide.named_parameters()]
+    randomize_gates(wide, low=-2.0, high=3.0, dtype=torch.float64)  # the CIFAR10-DVS gates: new float64 parameters
+    assert [n for n, _ in wide.named_parameters()] == names
+    for name in ("alpha", "beta", "gamma"):
+        v = getattr(wide[0], name)
+        assert isinstance(v, torch.nn.Parameter) and v.dtype == torch.float64 and v.requires_grad
+        assert -2.0 <= v.min() < -1.5 and 2.5 < v.max() <= 3.0 and v.unique().numel() == 64
 
 
 # --- gradients --------------------------------------------------------------------------------------------------
@@ -259,40 +288,90 @@ def test_backward_matches_autograd_of_float64_reference(variant, gates, channels
     (out_ref * weight).sum().backward()
 
     assert torch.equal(out, out_ref) and 0.05 < out.mean() < 0.8
-    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-13)
     nonzero = 0
     for (name, p), p_ref in zip(m.named_parameters(), ref.parameters(), strict=True):
         if p_ref.grad is None:  # static gates and GLIF_f's gamma take no gradient
             assert p.grad is None or not p.grad.any(), name
             continue
         nonzero += bool(p_ref.grad.any())  # hard gates at 1 legitimately zero some (e.g. leak when alpha = 1)
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-12, msg=name)
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-10, atol=1e-13, msg=name)
     assert nonzero >= 4
 
 
-def test_reduced_precision_input_accumulates_in_float32():
-    m = perturbed(GLIF(T, 4), seed=1)
-    x = torch.randn(T, 2, 4, 5, 5) * 0.6 + 0.3
-    for dtype in (torch.bfloat16, torch.float16):
-        xl = x.to(dtype).requires_grad_()
-        s = m(xl)
-        assert s.dtype == dtype
-        expected, _ = run_reference(m, xl.detach().float())  # the same rounded inputs, float32 membrane
-        assert torch.equal(s.float(), expected)
-        s.float().sum().backward()
-        assert xl.grad.dtype == dtype and torch.isfinite(xl.grad).all() and xl.grad.abs().sum() > 0
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_reduced_precision_matches_the_float64_reference(dtype, eager):
+    # bf16/fp16 inputs: the membrane runs in float32, spikes and dL/dx come back in the input's dtype.
+    m = perturbed(GLIF(T, 4, eager=eager), seed=1)
+    ref = perturbed(GLIF(T, 4), seed=1).double()
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(T, 2, 4, 5, 5, generator=g) * 0.6 + 0.3).to(dtype).requires_grad_()
+    xr = x.detach().double().requires_grad_()  # the same rounded inputs, in float64
+    upstream = torch.randn(x.shape, generator=g).to(dtype)  # what reaches the spikes is in their dtype anyway
+
+    s = m(x)
+    (s * upstream).sum().backward()
+    expected, _ = run_reference(ref, xr)
+    (expected * upstream.double()).sum().backward()
+
+    assert s.dtype == dtype and x.grad.dtype == dtype
+    assert torch.equal(s.double(), expected) and 0.1 < expected.mean() < 0.9
+    # dL/dx is computed in float32 and rounded once to the input's dtype: within one rounding of it
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=eps, atol=1e-6)
+    assert xr.grad.count_nonzero() > xr.numel() // 4
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=2e-5, atol=1e-6, msg=name)  # float32 sums
 
 
-def test_float64_parameters_promote_the_membrane():
-    # The released CIFAR10-DVS gates are float64 (docs/neuron.md §9 Q13): the membrane is float64, spikes keep x's
-    # dtype.
-    m = perturbed(GLIF(T, 3), seed=4)
+def near_threshold_input(m: GLIF, steps: int = 40) -> torch.Tensor:
+    """float32 `2 b c` input (b = 2 steps) whose first-step membrane lies within a few float32 ulps of the threshold:
+    per channel, the consecutive float32 values around the input that would hit it exactly; then a random step."""
+    v = {k: val.detach().double() for k, val in m.effective_values().items()}
+    gain = 1 - v["beta"] * (1 - v["conduct"][0])
+    hit = (v["v_th"] + (1 - v["alpha"]) * v["leak"]) / gain  # u_0 = gain x_0 - drift = v_th, per channel
+    columns = []
+    for h in hit.tolist():
+        x = np.float32(h)
+        for _ in range(steps):
+            x = np.nextafter(x, np.float32(-np.inf))
+        column = []
+        for _ in range(2 * steps):
+            column.append(x)
+            x = np.nextafter(x, np.float32(np.inf))
+        columns.append(column)
+    first = torch.from_numpy(np.array(columns, dtype=np.float32)).T  # b c
+    return torch.stack([first, torch.randn(first.shape) * 0.5 + 0.3])
+
+
+def test_float64_gates_give_a_float64_membrane():
+    # The released CIFAR10-DVS gates are float64 (docs/neuron.md §9 Q13): the membrane is float64, spikes and dL/dx
+    # keep x's dtype. The input puts u_0 within float32 rounding of v_th, where a float32 membrane decides otherwise.
+    m = perturbed(GLIF(2, 3), seed=4)
     for name in ("alpha", "beta", "gamma"):
         setattr(m, name, torch.nn.Parameter(getattr(m, name).detach().double()))
-    x = torch.randn(T, 2, 3, 4, 4)
+    ref = copy.deepcopy(m)
+    x = near_threshold_input(m).requires_grad_()
+    xr = x.detach().double().requires_grad_()
+    upstream = torch.randn(x.shape)
+
     s = m(x)
-    assert s.dtype == torch.float32
-    assert m.coefficients().decay.dtype == torch.float64
+    (s * upstream).sum().backward()
+    expected, _ = run_reference(ref, xr)  # float64 membrane (float32 sigmoids of the float32 logits, as glif2)
+    (expected * upstream.double()).sum().backward()
+    in_float32, _ = run_reference(copy.deepcopy(m).float(), x.detach())
+
+    assert s.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert torch.equal(s.double(), expected)
+    assert not torch.equal(in_float32.double(), expected)  # the input does tell a float32 membrane apart
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=torch.finfo(torch.float32).eps, atol=1e-12)
+    assert x.grad[0].count_nonzero() == x[0].numel()  # every first step sits in the surrogate window
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters(), strict=True):
+        assert p.grad.dtype == p.dtype, name
+        rtol = 1e-10 if p.dtype == torch.float64 else 1e-5  # the float32 parameters' sigmoids run in float32
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=rtol, atol=1e-12, msg=name)
 
 
 def test_rect_window_edges_through_the_fused_backward():
@@ -313,7 +392,7 @@ def test_rect_window_edges_through_the_fused_backward():
 
 @pytest.mark.parametrize("channels", [None, 8])
 def test_matches_spikingjelly_gated_lif(channels):
-    sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    sj_neuron = require("spikingjelly.activation_based.neuron")
     from spikingjelly.activation_based import functional, surrogate
 
     torch.manual_seed(0)

@@ -1,13 +1,13 @@
 """glif2.plot: the parameter figure is written for our checkpoints and reference-format files."""
 
-import pytest
 import torch
+from conftest import needs
 from spec_layouts import layout, random_state_dict
 
 import glif2
 from glif2 import plot
 
-pytest.importorskip("matplotlib")
+pytestmark = needs("matplotlib")
 
 
 def test_plot_writes_png(tmp_path):

@@ -1,16 +1,20 @@
-"""train.py and glif2.train (config, optim, distributed, loop): presets and flags, parameter groups and schedules,
-fail-fast errors, exact resume, atomic checkpoints under SIGKILL and SIGTERM, two-process DDP (gloo), and the digits
-run.
+"""train.py and glif2.train (config, optim, distributed, loop, evaluation): presets and flags, parameter groups and
+schedules, fail-fast errors, the digits run as shipped (whole model compiled, evaluation through the compiled graph),
+--amp (bf16 on CPU) and --sync-bn, exact resume (also after SIGTERM and under DDP), atomic checkpoints under SIGKILL,
+two-process DDP (gloo) against one process, and train() leaving the process as it found it.
 
 Shape letters: t steps, b batch, c channels, k classes.
 
-Runs use --compile none (the GLIF kernels are still compiled, and cached in TORCHINDUCTOR_CACHE_DIR) and T=2 so the
-file stays within a few minutes on two CPU cores.
+Most runs use --compile none (the GLIF kernels are still compiled, and cached in TORCHINDUCTOR_CACHE_DIR) and T=2 so
+the file stays within a few minutes on two CPU cores; the default run, --amp and the dynamo checks compile the whole
+model as train.py does by default.
 """
 
 import json
 import math
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,23 +22,31 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import needs
+from datasets_fixtures import write_cifar
 from einops import reduce, repeat
 from torch import nn
+from torch._dynamo.utils import counters
 
+import glif2
 from glif2.checkpoint import load_checkpoint, save_checkpoint
 from glif2.models.registry import list_models, register_model, unregister_model
 from glif2.neuron import GLIF
-from glif2.train import cli, loop
+from glif2.train import cli, evaluation, loop
 from glif2.train.cli import parse_args
 from glif2.train.config import PRESETS, TrainConfig
 from glif2.train.loop import StopReason
 from glif2.train.optim import build_scheduler, param_groups
+from pipelines._common import TensorLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAST = ["--compile", "none", "--T", "2", "--no-tensorboard", "--log-interval", "50"]
+SHIPPED = ["--T", "2", "--no-tensorboard", "--log-interval", "50"]  # the default compile (the whole model)
+FAST = ["--compile", "none", *SHIPPED]
 
 
 class Probe(nn.Module):
@@ -65,18 +77,27 @@ def probe_model():
     unregister_model("ddp_probe")
 
 
-@pytest.fixture
-def restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 def run(tmp_path, *flags: str, name: str = "r") -> dict:
     return cli.train_main([*FAST, "--out-dir", str(tmp_path), "--name", name, *flags])
 
 
 def state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def records(run_dir: Path, kind: str = "epoch") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints: identical model, optimizer momenta, schedule, counters and scores."""
+    assert state_equal(a["model"], b["model"])
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    for key in ("epoch", "step", "best_acc", "test_acc"):
+        assert a[key] == b[key], key
 
 
 # config
@@ -171,8 +192,9 @@ def test_bad_input_fails_fast(tmp_path, monkeypatch, capsys, flags, env, message
 def test_resume_with_another_T_fails_fast(tmp_path, capsys):
     cfg = TrainConfig.from_name("digits", T=2, out_dir=str(tmp_path), name="r")
     save_checkpoint(tmp_path / "r" / "last.pt", model={}, config=cfg.to_dict(), epoch=1, step=22)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         run(tmp_path, "--T", "4", "--resume", "auto")
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert "T=2" in err and "T=4" in err
 
@@ -180,7 +202,7 @@ def test_resume_with_another_T_fails_fast(tmp_path, capsys):
 # checkpoints and resume
 
 
-def test_resume_mid_epoch_is_bitwise(tmp_path, restore_determinism):
+def test_resume_mid_epoch_is_bitwise(tmp_path):
     flags = ["--epochs", "2", "--deterministic"]
     full = run(tmp_path, *flags, name="full")
     stopped = run(tmp_path, *flags, "--max-steps", "30", name="split")  # 22 steps per epoch: stops in epoch 2
@@ -200,28 +222,61 @@ def test_resume_mid_epoch_is_bitwise(tmp_path, restore_determinism):
     assert set(params[-1]["layers"]["features.1"]["alpha"]) == {"mean", "std", "min", "q25", "median", "q75", "max"}
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs("nvidia.dali"))])
+def test_resume_mid_epoch_with_augmentation_is_bitwise(tmp_path, backend):
+    """CIFAR in its real format (random pixels): crops and mirrors must come from (seed, epoch) alone, so that a run
+    resumed mid-epoch sees the augmentation an uninterrupted one saw (docs/training.md §5)."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (112, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 112)
+    write_cifar(str(tmp_path / "data"), "cifar10", images[:96], labels[:96], images[96:], labels[96:])
+    flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--backend", backend, "--model",
+             "glifnet_small", "--batch-size", "16", "--eval-batch-size", "16", "--epochs", "2", "--deterministic"]
+    full = run(tmp_path, *flags, name="full")
+    run(tmp_path, *flags, "--max-steps", "8", name="split")  # 6 steps per epoch: stops in epoch 2
+    resumed = run(tmp_path, *flags, "--resume", "auto", name="split")
+    assert full["step"] == resumed["step"] == 12
+    assert_same_training_state(load_checkpoint(tmp_path / "full" / "last.pt"),
+                               load_checkpoint(tmp_path / "split" / "last.pt"))
+
+
 _WRITER = """
-import sys, torch
+import sys, time, torch
 from glif2.checkpoint import save_checkpoint
 path = sys.argv[1]
 save_checkpoint(path, model={"w": torch.ones(3)}, epoch=1, step=7)
 print("saved", flush=True)
-big = {"w": torch.randn(64, 1024, 1024)}  # 256 MiB: the kill lands inside the write
-while True:
-    save_checkpoint(path, model=big, epoch=2, step=8)
+save_checkpoint(path, model={"w": torch.randn(64, 1024, 1024)}, epoch=2, step=8)  # 256 MiB: killed while writing
+print("written", flush=True)
+time.sleep(60)
 """
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     path = tmp_path / "last.pt"
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert proc.stdout.readline().strip() == "saved"
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    ckpt = load_checkpoint(path)  # the old file or a complete new one, never a torn one
-    assert (ckpt["epoch"], ckpt["step"]) in ((1, 7), (2, 8))
-    assert ckpt["model"]["w"].shape in ((3,), (64, 1024, 1024))
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        old = path.read_bytes()
+
+        def writing() -> bool:  # bytes of the new checkpoint are on disk: in a temporary file, or in last.pt itself
+            others = [p for p in tmp_path.iterdir() if p != path]
+            return any(p.stat().st_size > 0 for p in others) or path.stat().st_size != len(old)
+
+        deadline = time.monotonic() + 60
+        while not writing():
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer never started the second write"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert "written" not in rest, "the kill landed after the write: the test proved nothing"
+    ckpt = load_checkpoint(path)  # the old file, whole: never a torn one
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 7) and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert path.read_bytes() == old
+    # the torn temporary file is hidden and never taken for a checkpoint (eval.py's folder sweep, --resume)
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p != path)
+    assert evaluation.find_checkpoints(tmp_path) == [path]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
@@ -242,10 +297,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
     assert last.read_bytes() == before
 
 
-def test_sigterm_saves_and_resumes(tmp_path):
+def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
+    flags = ["--deterministic", "--epochs", "40"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), *FAST, "--log-interval", "1", "--epochs", "40",
-           "--out-dir", str(tmp_path), "--name", "term"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *FAST, *flags, "--log-interval", "1", "--out-dir", str(tmp_path),
+           "--name", "term"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
     for line in proc.stdout:  # wait until training is under way
         if "step 3/" in line:
@@ -254,54 +310,210 @@ def test_sigterm_saves_and_resumes(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "stopped (sigterm)" in out
-    ckpt = load_checkpoint(tmp_path / "term" / "last.pt")
-    assert 0 < ckpt["step"] < 40 * 22
-    resumed = run(tmp_path, "--epochs", "1", "--resume", "auto", name="term") if ckpt["step"] < 22 else None
-    if resumed is not None:
-        assert resumed["step"] == 22
+    stop = load_checkpoint(tmp_path / "term" / "last.pt")["step"]
+    assert 3 <= stop < 40 * 22
+    # Continue past the next epoch's end (22 steps each: an evaluation and a schedule step after the resume) and
+    # compare with a run that was never interrupted.
+    target = str(stop + 25)
+    resumed = run(tmp_path, *flags, "--resume", "auto", "--max-steps", target, name="term")
+    straight = run(tmp_path, *flags, "--max-steps", target, name="straight")
+    assert resumed["step"] == straight["step"] == stop + 25 and resumed["epoch"] >= 1
+    assert_same_training_state(load_checkpoint(tmp_path / "term" / "last.pt"),
+                               load_checkpoint(tmp_path / "straight" / "last.pt"))
+    scores = ("epoch", "step", "test_loss", "test_acc", "test_top5", "best_acc", "lr")
+    assert [{k: r[k] for k in scores} for r in records(tmp_path / "term")] == [
+        {k: r[k] for k in scores} for r in records(tmp_path / "straight")]
 
 
-# DDP
+# DDP (gloo, two processes): one spawn runs every distributed case; the tests below check its outputs
+
+DDP_FLAGS = [*FAST, "--model", "ddp_probe", "--batch-size", "64", "--eval-batch-size", "64", "--lr", "0.5",
+             "--device", "cpu", "--epochs", "2", "--deterministic"]
+DDP_RUNS = [("full", []), ("split", ["--max-steps", "30"]), ("split", ["--resume", "auto"])]  # 22 steps per epoch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, flags: list[str]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def eval_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """101 samples `b 6` in 7 classes and a fixed linear head `6 k` (float64): logits are `x @ head`."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(101, 6, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 7, (101,), generator=g), torch.randn(6, 7, generator=g, dtype=torch.float64)
+
+
+def _ddp_worker(rank: int, world: int, ports: list[int], out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
     if "ddp_probe" not in list_models():  # a spawned process starts with a fresh registry
         register_model(ddp_probe)
-    result = cli.train_main([*flags, "--out-dir", out, "--name", f"ddp{world}"])
-    torch.save({k: v.detach().clone() for k, v in result["model"].state_dict().items()}, f"{out}/rank{rank}.pt")
+    # evaluation over uneven shards (51 / 50 samples) whose last batches are short (3 / 2)
+    os.environ["MASTER_PORT"] = str(ports[0])
+    torch.distributed.init_process_group("gloo")
+    x, y, head = eval_problem()
+    loader = TensorLoader(x, y, transform=lambda v, g: v, num_classes=7, train=False, batch_size=16, rank=rank,
+                          world_size=world, seed=0, device="cpu")
+    result = evaluation.evaluate(lambda v, t: v @ head, loader, torch.device("cpu"))
+    shards = [len(b) for b, _ in loader]
+    Path(out, f"eval-rank{rank}.json").write_text(json.dumps({**result, "batches": shards}))
+    torch.distributed.destroy_process_group()
+    # training: uninterrupted, then stopped mid-epoch 2 and resumed
+    for i, (name, flags) in enumerate(DDP_RUNS, start=1):
+        os.environ["MASTER_PORT"] = str(ports[i])
+        result = cli.train_main([*DDP_FLAGS, *flags, "--out-dir", out, "--name", name])
+        state = {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
+        torch.save({"state": state, "step": result["step"]}, f"{out}/{name}-{i}-rank{rank}.pt")
 
 
-def test_ddp_two_processes_match_one(tmp_path, probe_model):
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> Path:
     import torch.multiprocessing as mp
 
-    flags = [*FAST, "--model", "ddp_probe", "--batch-size", "64", "--eval-batch-size", "64", "--max-steps", "6",
-             "--lr", "0.5", "--device", "cpu"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), flags), nprocs=2, join=True)
-    single = cli.train_main([*flags, "--out-dir", str(tmp_path), "--name", "single"])["model"].state_dict()
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_ddp_worker, args=(2, free_ports(1 + len(DDP_RUNS)), str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_ddp_evaluation_counts_every_sample_once(ddp):
+    x, y, head = eval_problem()
+    logits = (x @ head).float()
+    top = logits.topk(5, dim=1).indices == y[:, None]
+    expected = {"num_samples": 101, "loss": F.cross_entropy(logits, y, reduction="sum").item() / 101,
+                "top1": 100 * top[:, 0].sum().item() / 101, "top5": 100 * top.any(1).sum().item() / 101}
+    r0, r1 = (json.loads((ddp / f"eval-rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["batches"], r1["batches"]) == ([16, 16, 16, 3], [16, 16, 16, 2])  # uneven shards, short last batches
+    for r in (r0, r1):  # every rank gets the sums over both
+        assert r["num_samples"] == 101 and r["top1"] == expected["top1"] and r["top5"] == expected["top5"]
+        assert r["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert 0 < expected["top1"] < expected["top5"] < 100
+
+
+def test_ddp_two_processes_match_one(ddp, tmp_path, probe_model):
+    single = cli.train_main([*DDP_FLAGS, "--out-dir", str(tmp_path), "--name", "single"])
+    r0, r1 = (torch.load(ddp / f"full-1-rank{r}.pt")["state"] for r in (0, 1))
     assert state_equal(r0, r1)  # every rank holds the same parameters
-    start = load_checkpoint(tmp_path / "ddp2" / "last.pt")
-    assert start["step"] == 6
-    for k in single:
-        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
+    ours = single["model"].state_dict()
+    for k in ours:
+        torch.testing.assert_close(r0[k], ours[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the parameters did move: the state at step 30 (mid-epoch 2) differs from the final one in every tensor
+    at_30 = torch.load(ddp / "split-2-rank0.pt")
+    assert at_30["step"] == 30
+    assert all(not torch.equal(at_30["state"][k], r0[k]) for k in r0), "some parameter never moved"
+    # evaluation after each epoch, summed over both ranks: the scores of one process
+    ddp_epochs, single_epochs = records(ddp / "full"), records(tmp_path / "single")
+    assert [r["epoch"] for r in ddp_epochs] == [1, 2]
+    for a, b in zip(ddp_epochs, single_epochs, strict=True):
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.3)  # one sample of 360 at most
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert ddp_epochs[1]["test_acc"] > 50
 
 
-# the default run
+def test_ddp_mid_epoch_resume_is_bitwise(ddp):
+    for rank in (0, 1):
+        full, resumed = (torch.load(ddp / f"{name}-rank{rank}.pt") for name in ("full-1", "split-3"))
+        assert full["step"] == resumed["step"] == 44
+        assert state_equal(full["state"], resumed["state"])
+    assert_same_training_state(load_checkpoint(ddp / "full" / "last.pt"), load_checkpoint(ddp / "split" / "last.pt"))
+    scores = ("epoch", "step", "test_loss", "test_acc", "test_top5", "best_acc", "lr")
+    assert [{k: r[k] for k in scores} for r in records(ddp / "split")] == [
+        {k: r[k] for k in scores} for r in records(ddp / "full")]
 
 
-def test_default_run_reaches_accuracy_and_eval_agrees(tmp_path):
-    result = run(tmp_path, "--epochs", "4", name="digits")
+def test_resume_with_another_world_size_is_refused(ddp, tmp_path, probe_model, capsys):
+    path = tmp_path / "from-ddp.pt"
+    shutil.copy(ddp / "split" / "last.pt", path)
+    with pytest.raises(SystemExit) as e:
+        cli.train_main([*DDP_FLAGS, "--out-dir", str(tmp_path), "--name", "one", "--resume", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "written by a run on 2 processes and this one has 1" in err and "Resume with 2 processes" in err
+    assert not (tmp_path / "one").exists()  # nothing written
+
+
+# the run as shipped: the default compile, --amp, --sync-bn
+
+
+def test_default_run_as_shipped_reaches_accuracy_and_eval_agrees(tmp_path):
+    """train.py's defaults on CPU: model + loss compiled into one graph (no breaks), and the evaluation after each
+    epoch runs without grad through the compiled graph (GLIF.forward's no-grad path); eval.py (eager) agrees."""
+    counters.clear()
+    result = cli.train_main([*SHIPPED, "--epochs", "4", "--out-dir", str(tmp_path), "--name", "digits"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # two graphs: training, and evaluation without grad; a recompile (e.g. one per epoch or per step) adds more
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert result["best_acc"] >= 85.0
     best = tmp_path / "digits" / "best.pt"
+    epoch = {r["epoch"]: r for r in records(tmp_path / "digits")}[load_checkpoint(best)["epoch"]]
     row = cli.eval_main(["--checkpoint", str(best)])[0]
-    assert row["top1"] == pytest.approx(load_checkpoint(best)["test_acc"], abs=1e-9)
-    assert row["dataset"] == "digits" and row["T"] == 2
+    assert (row["dataset"], row["T"], row["num_samples"]) == ("digits", 2, 360)
+    assert row["top1"] == pytest.approx(epoch["test_acc"], abs=0.3)  # compiled and eager: one sample at most
+    assert row["loss"] == pytest.approx(epoch["test_loss"], rel=1e-3)
+
+
+def test_amp_bf16_on_cpu(tmp_path, monkeypatch):
+    seen = set()
+    check = GLIF.check_input
+
+    def recording(self, x):  # traced into the compiled graphs: records what each GLIF layer receives
+        seen.add((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), x.dtype))
+        check(self, x)
+
+    monkeypatch.setattr(GLIF, "check_input", recording)
+    counters.clear()
+    cli.train_main([*SHIPPED, "--amp", "--epochs", "1", "--out-dir", str(tmp_path), "--name", "amp"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # training and evaluation, plus one recompile when the recorder's set first grows: never one per step
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    training = {(autocast, dtype) for grad, autocast, dtype in seen if grad}
+    assert training == {(True, torch.bfloat16)}  # every GLIF layer gets bf16 from conv + BN under autocast
+    # evaluation (no grad) autocasts too; tdBN's evaluation arithmetic (the reference's operation order) promotes
+    # to float32 with the float32 running statistics, so there GLIF may get float32
+    assert {autocast for grad, autocast, _ in seen if not grad} == {True}
+    ckpt = load_checkpoint(tmp_path / "amp" / "last.pt")
+    assert ckpt["config"]["amp"] and ckpt["config"]["amp_dtype"] == "bfloat16"
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["model"].values())  # weights stay float32
+    (epoch,) = records(tmp_path / "amp")
+    assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["test_loss"]) and epoch["test_acc"] > 15
+
+
+def test_sync_bn_in_one_process_is_plain_bn(tmp_path):
+    flags = ["--deterministic", "--epochs", "1", "--batch-size", "256"]
+    sync = run(tmp_path, *flags, "--sync-bn", name="sync")
+    run(tmp_path, *flags, "--bn", "plain", name="plain")
+    norms = [m for m in sync["model"].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 3 and all(type(m) is nn.SyncBatchNorm for m in norms)
+    a, b = load_checkpoint(tmp_path / "sync" / "last.pt"), load_checkpoint(tmp_path / "plain" / "last.pt")
+    assert a["model_config"]["bn"] == "plain"  # the checkpoint says what was trained: plain BN, no tdBN scale
+    assert list(a["model"]) == list(b["model"]) and a["step"] == 5
+    assert_same_training_state(a, b)
+    assert glif2.load_model(tmp_path / "sync" / "last.pt").state_dict().keys() == a["model"].keys()
+
+
+def test_train_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    threads, cudnn = torch.get_num_threads(), (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        torch.set_num_threads(3)  # train() sets 1 (--threads), seeds everything and turns on determinism
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+        random.seed(1), np.random.seed(2), torch.manual_seed(3)
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        run(tmp_path, "--deterministic", "--threads", "1", "--max-steps", "3")
+        assert random.getstate() == rng[0]
+        assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), rng[1], strict=True))
+        assert torch.equal(torch.get_rng_state(), rng[2])
+        assert torch.get_num_threads() == 3
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn

@@ -73,7 +73,7 @@ class TrainConfig:
     variant: str = "glif"
     """glif, or glif_f (the gate-free ablation, --softsimple)."""
     gate_init: tuple[float, float, float] = (0.6, 0.8, 0.6)
-    """Initial (alpha, beta, gamma) gate values g in (-0.5, 1.5), stored as logit(0.25 + g / 2) (the authors' --gate)."""
+    """Initial (alpha, beta, gamma) gate values g in (-0.5, 1.5), kept as logit(0.25 + g / 2) (the authors' --gate)."""
     params: str = "learned"
     """learned, or static: tau, v_th, leak, v_reset and conduct fixed at their initial values (--static-param)."""
     bn: str = "td"
