@@ -17,6 +17,7 @@ from collections.abc import Callable
 import einops
 import torch
 import torch._dynamo.config as dynamo_config
+import torch._inductor
 from torch import nn
 
 COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")
@@ -54,13 +55,20 @@ def compile_kernel(fn: Callable) -> Callable:
 def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     """Compile a whole model (or training objective) with fullgraph. ``mode`` is one of COMPILE_MODES.
 
-    Returns torch.compile's wrapper (the raw module stays at `._orig_mod`), whose calls run with glif2's dynamo
-    settings."""
+    On the CPU inductor's layout optimisation is off: it converts every conv weight to channels-last and keeps that
+    copy for the backward (as many bytes as the weights, on top of the activations), and measured no faster here
+    (bench/memory.py, docs/performance.md §5.5). Returns torch.compile's wrapper (the raw module stays at
+    `._orig_mod`), whose calls run with glif2's dynamo settings."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}; choose one of {COMPILE_MODES}")
     if mode == "none":
         return model
-    compiled = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    if on_cpu:
+        options = {**torch._inductor.list_mode_options(mode), "layout_optimization": False}
+        compiled = torch.compile(model, options=options, fullgraph=True, dynamic=False)
+    else:
+        compiled = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
     compiled.forward = scoped(compiled.forward)
     return compiled
 
