@@ -77,10 +77,8 @@ class Candidate:
             self.model, self.reset = with_gated_lif_nodes(self.model), reset
         self.model.to(device)
         self.objective = Objective(self.model)
-        if compiled and self.reset is not None:  # SpikingJelly's loop may break the graph: no fullgraph for it
-            self.objective = torch.compile(self.objective)
-        elif compiled:
-            self.objective = compile_model(self.objective, "default")
+        if compiled:  # SpikingJelly's loop may break the graph: no fullgraph for it
+            self.objective = compile_model(self.objective, "default", fullgraph=self.reset is None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.x, self.y = make_input(net, batch, device, T)
         self.device, self.times = device, []

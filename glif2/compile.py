@@ -52,8 +52,8 @@ def compile_kernel(fn: Callable) -> Callable:
     return scoped(torch.compile(fn, fullgraph=True, dynamic=False))
 
 
-def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
-    """Compile a whole model (or training objective) with fullgraph. ``mode`` is one of COMPILE_MODES.
+def compile_model(model: nn.Module, mode: str = "default", fullgraph: bool = True) -> nn.Module:
+    """Compile a whole model (or training objective), by default with fullgraph. ``mode`` is one of COMPILE_MODES.
 
     On the CPU inductor's layout optimisation is off: it converts every conv weight to channels-last and keeps that
     copy for the backward (as many bytes as the weights, on top of the activations), and measured no faster here
@@ -66,9 +66,9 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
     on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     if on_cpu:
         options = {**torch._inductor.list_mode_options(mode), "layout_optimization": False}
-        compiled = torch.compile(model, options=options, fullgraph=True, dynamic=False)
+        compiled = torch.compile(model, options=options, fullgraph=fullgraph, dynamic=False)
     else:
-        compiled = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+        compiled = torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=False)
     compiled.forward = scoped(compiled.forward)
     return compiled
 

@@ -88,7 +88,8 @@ class tdBatchNorm(nn.BatchNorm2d):
             y = self.alpha * self.v_th * (x - rearrange(self.running_mean, c)) / torch.sqrt(
                 rearrange(self.running_var, c) + self.eps
             )
-            return y * rearrange(self.weight, c) + rearrange(self.bias, c) if self.affine else y
+            y = y * rearrange(self.weight, c) + rearrange(self.bias, c) if self.affine else y
+            return y.to(x.dtype)  # bf16 in, bf16 out (as in training) under autocast; a no-op for float32
         # Training: one fused batch_norm whose affine weight is pre-scaled by alpha * v_th (same values, fewer passes).
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:

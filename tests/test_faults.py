@@ -24,6 +24,7 @@ from glif2 import convert
 from glif2.checkpoint import load_checkpoint, save_checkpoint
 from glif2.errors import CheckpointError, ConfigError
 from glif2.train import cli, loop
+from glif2.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--compile", "none", "--T", "2", "--no-tensorboard", "--threads", "1"]
@@ -339,6 +340,38 @@ def test_runs_never_overwrite_each_other(tmp_path, capsys):
     assert resumed["run_dir"] == str(run) and resumed["step"] == 22 and resumed["epoch"] == 1
     assert load_checkpoint(run / "last.pt")["step"] == 22
     assert load_checkpoint(tmp_path / "r-2" / "last.pt")["step"] == 3  # the other run is left as it was
+
+
+def test_models_take_their_input_layer_from_the_dataset():
+    """Input channels (digits 1, CIFAR and ImageNet 3, CIFAR10-DVS 2) and, for the fixed-resolution heads, the input
+    side come from the dataset table; a model of event frames is refused on images, and the reverse, naming both."""
+    options = {ds: loop.model_options(TrainConfig.from_name("digits", dataset=ds, model="cifarnet"))
+               for ds in ("digits", "cifar10", "imagenet")}
+    assert [options[ds]["in_channels"] for ds in options] == [1, 3, 3]
+    assert [options[ds]["input_size"] for ds in options] == [8, 32, 224]
+    assert loop.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="sew7b_wide"))[
+        "in_channels"] == 2
+    with pytest.raises(ConfigError, match="sew7b_wide takes event frames .* cifar10 gives images"):
+        loop.model_options(TrainConfig.from_name("digits", dataset="cifar10", model="sew7b_wide"))
+    with pytest.raises(ConfigError, match="resnet19 takes images .* cifar10dvs gives event frames"):
+        loop.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="resnet19"))
+
+
+def test_digits_net_trains_on_cifar(tmp_path):
+    """`--dataset cifar10 --model glifnet_small` failed inside the first compiled forward (only digits set
+    in_channels): now the model gets three input channels and trains."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import numpy as np
+    from datasets_fixtures import write_cifar
+
+    rng = np.random.default_rng(0)
+    write_cifar(str(tmp_path / "cifar"), "cifar10", rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+                rng.integers(0, 10, 64), rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                rng.integers(0, 10, 16))
+    result = cli.train_main(["--dataset", "cifar10", "--model", "glifnet_small", "--data-dir", str(tmp_path / "cifar"),
+                             "--backend", "torch", "--compile", "none", "--T", "2", "--batch-size", "16",
+                             "--epochs", "1", "--no-tensorboard", "--out-dir", str(tmp_path / "runs")])
+    assert result["model"].features[0][0].in_channels == 3 and result["epoch"] == 1
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh_in_the_same_folder(tmp_path):

@@ -2,7 +2,7 @@
 
 Shape letters: t steps, b batch, k classes.
 
-Each tests/golden/<released file stem>.json holds, for one released file name (ARCHITECTURES.md §6), the float32
+Each tests/golden/<released file stem>.json holds, for one released file name (docs/networks.md §7.1), the float32
 logits (`float.hex`, exact) and the spike count of every neuron layer (per step, in forward order) that the
 authors' model gives in eval mode on a fixed input, with weights that `fill` below regenerates. The test writes
 those weights in the authors' container under the released name, loads them with
@@ -11,7 +11,7 @@ the compiled GLIF kernels and with `eager=True`.
 
 How the numbers were produced (once, outside this repository; none of the authors' code is in it):
 - Code: CAS-CLab/Gated-LIF as stored in the public index: `layers.py` and `cifar10dvs/layers.py` at 5cda262
-  (2023-02-18 HEAD, whose backward bug, GLIF.md Q1, does not touch the forward), `blocks.py`,
+  (2023-02-18 HEAD, whose backward bug, docs/neuron.md §9 Q1, does not touch the forward), `blocks.py`,
   `networks_for_CIFAR.py`, `networks_for_ImageNet.py`, `cifar10dvs/smodels.py` at 88b0bfa. SpikingJelly was a
   stand-in with 0.0.0.0.10 semantics (`clock_driven.layer.SeqToANNContainer`: an nn.Sequential that runs its
   children on `(t b) ...`); the DVS code's other SpikingJelly imports are unused by the GLIF net.
@@ -134,7 +134,7 @@ def load_golden(stem: str) -> dict:
 def write_reference(golden: dict, folder: Path) -> Path:
     """The golden weights saved in the authors' container under the released file name."""
     weights = reference_weights(golden)
-    if golden["container"] == "net":  # CIFAR10-DVS: the training state around the net (ARCHITECTURES.md §6)
+    if golden["container"] == "net":  # CIFAR10-DVS: the training state around the net (docs/networks.md §7.2)
         payload = {
             "net": weights,
             "optimizer": {"state": {}, "param_groups": []},

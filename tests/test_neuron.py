@@ -456,3 +456,23 @@ def test_all_gate_modes_and_variants_build():
     for variant, gates, channels in itertools.product(("glif", "glif_f"), GATE_MODES, (None, 2)):
         m = GLIF(2, channels, variant=variant, gate_mode=gates)
         assert m(torch.randn(2, 1, 2, 3)).shape == (2, 1, 2, 3)
+
+
+def test_static_params_stay_fixed_and_keep_the_checkpoint_layout():
+    """params="static" (the authors' --static-param): tau, v_th, leak, v_reset and conduct keep their initial values
+    through training (no gradient, nothing for an optimizer or DDP to update), the gates still learn, and the state
+    dict has the same keys as the learned neuron's, so either loads the other's checkpoints."""
+    learned, static = GLIF(T, 3), GLIF(T, 3, params="static")
+    assert list(static.state_dict()) == list(learned.state_dict())
+    fixed = ("tau", "v_th", "leak", "v_reset", "conduct")
+    assert all(not getattr(static, n).requires_grad for n in fixed) and static.alpha.requires_grad
+    before = {k: v.clone() for k, v in static.state_dict().items()}
+    optimizer = torch.optim.SGD(static.parameters(), lr=1.0, momentum=0.9, weight_decay=0.1)
+    for _ in range(3):
+        static(torch.randn(T, 2, 3, 4, 4) + 0.5).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = static.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in fixed)
+    assert not torch.equal(after["alpha"], before["alpha"])
+    static.load_state_dict(learned.state_dict())  # the same layout both ways
