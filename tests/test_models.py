@@ -162,7 +162,8 @@ def captured(module: torch.nn.Module, run) -> torch.Tensor:
 def test_per_step_logits_and_their_mean():
     # The head by hand, per step, from the last block's output: pool over space, then the head's matrices.
     torch.manual_seed(0)
-    model = glif2.create_model("resnet19", 10, 3, eager=True).double()  # batch statistics: fresh BN fires in training
+    # batch statistics (fresh BN fires in training); memory off: the hooks below need the modules' own forward
+    model = glif2.create_model("resnet19", 10, 3, eager=True, memory="off").double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     feats = captured(model.features[-1], lambda: model(x))  # t b c h w
     w1, w2 = model.lastave[0].weight, model.lastave[1].weight
@@ -184,7 +185,8 @@ def test_per_step_logits_and_their_mean():
 def test_firing_rates_count_every_spike():
     # Per layer: the spikes it emits over the neurons and steps it has, counted by hand from its own output.
     torch.manual_seed(0)
-    model = glif2.create_model("glifnet_small", 10, 3, eager=True)  # batch statistics: fresh BN fires in training
+    # batch statistics (fresh BN fires in training); memory off: the hooks need the modules' own forward
+    model = glif2.create_model("glifnet_small", 10, 3, eager=True, memory="off")
     x = torch.randn(5, 1, 8, 8)
     layers = dict(glif_layers(model))
     spikes = {sign: {name: captured(layer, lambda s=sign: model(s * x)) for name, layer in layers.items()}
@@ -219,6 +221,7 @@ def test_input_contract_errors():
 def test_model_config_is_plain():
     model = glif2.create_model("resnet19", 10, 2, gate_init=(0.5, 0.5, 0.5), channel_wise=False, eager=True)
     assert model.model_config == {"name": "resnet19", "num_classes": 10, "T": 2, "gate_init": [0.5, 0.5, 0.5],
+                                  "memory": "lean",
                                   "channel_wise": False, "eager": True}
     with pytest.raises(ValueError, match="plain"):
         glif2.create_model("resnet19", 10, 2, surrogate=object())
