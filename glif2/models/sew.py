@@ -8,7 +8,7 @@ A unit is conv (no bias) + plain BatchNorm2d on the time-merged batch, then a ch
 two 3x3 units and a connect function g(conv(x), x): ADD (the paper's run, block outputs are spike counts, not
 re-spiked), AND, or IAND.
 
-Neuron init (docs/neuron.md §8): tau 0.5, v_th = v_reset = 0.99999, leak 0.0312497, conduct 0.9, and gates drawn from
+Neuron init (docs/neuron.md §8): tau 0.5, v_th = v_reset = 0.99999, leak 0.99999 / 32, conduct 0.9, and gates drawn from
 U(-0.1, 0.1) as float64 parameters (the reference's numpy-made gates; float64 gates make the membrane float64).
 """
 
@@ -25,7 +25,8 @@ from glif2.models.registry import register_model
 from glif2.neuron import randomize_gates
 
 CONNECTS = ("ADD", "AND", "IAND")
-DVS_NEURON = {"tau": 0.5, "v_th": 0.99999, "leak": 0.0312497, "v_reset": 0.99999, "conduct": 0.9}
+# leak = v_th / (2 T) with the DVS code's T = 16, computed as it is there (not the rounded 0.0312497)
+DVS_NEURON = {"tau": 0.5, "v_th": 0.99999, "leak": 0.99999 / 32, "v_reset": 0.99999, "conduct": 0.9}
 
 Neuron = Callable[[int], nn.Module]
 
