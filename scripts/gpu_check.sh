@@ -51,6 +51,6 @@ part eval-resnet19 $PY eval.py --checkpoint "$OUT/runs/r19/last.pt" --data-dir "
 part bench-memory $PY bench/memory.py --devices cuda --nets resnet19 --T 6 --batch 128 --compile eager \
     --rounds 2 --steps 5 --max-batch
 part bench-neuron $PY bench/neuron.py --devices cuda
-if has nvidia.dali; then part bench-pipelines $PY bench/pipelines.py; else echo "=== DALI not installed: bench-pipelines skipped"; fi
+if has nvidia.dali; then part bench-pipelines $PY bench/loaders.py; else echo "=== DALI not installed: bench-pipelines skipped"; fi
 echo "gpu_check: $failed part(s) failed; logs in $OUT"
 exit $failed

@@ -109,6 +109,10 @@ def test_no_function_over_80_lines():
 
 
 def test_scripts_import_the_package_never_another_script():
+    # A script named like a package shadows it for every script beside it (`python bench/x.py` puts bench/ first on
+    # sys.path): bench/pipelines.py once made `import pipelines` load itself.
+    for folder in ("bench", "tests", "scripts"):
+        assert not [p for p in (ROOT / folder).glob("*.py") if p.stem in ("glif2", "pipelines")], folder
     for path in [*python_files("tests", "bench", "glif2", "pipelines"), ROOT / "train.py", ROOT / "eval.py"]:
         tree = ast.parse(path.read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

@@ -10,7 +10,7 @@ Shape letters: b batch, c channels, h w space, t steps.
 2. CIFAR10-DVS samples/s (T = 16, `b 16 2 48 48`): decoding `.aedat4` events every time vs reading the frame cache
    (warm workers; the cache-writing first pass is shown too).
 
-Usage: python bench/pipelines.py [--images 10000] [--batch 256] [--epochs 2] [--dvs-files 100]
+Usage: python bench/loaders.py [--images 10000] [--batch 256] [--epochs 2] [--dvs-files 100]
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import time
 import numpy as np
 import torch
 
-# The repo root must precede this folder on sys.path, or this file (bench/pipelines.py) shadows the package.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# The tests' writers of tiny datasets in the real on-disk formats.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from datasets_fixtures import write_cifar
