@@ -77,6 +77,27 @@ def test_eval_folder_one_row_each(tiny_checkpoints, tmp_path):
     assert len(json.loads((tmp_path / "all.json").read_text())) == 2
 
 
+def test_eval_folder_skips_a_damaged_file_and_reports_it(tiny_checkpoints, tmp_path, capsys):
+    folder, paths = tiny_checkpoints
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    good = [sweep / p.name for p in paths]
+    for src, dst in zip(paths, good, strict=True):
+        dst.write_bytes(src.read_bytes())
+    cut = sweep / "tiny0b.pt"  # sorts between the good files: the one after it must still be evaluated
+    cut.write_bytes(paths[0].read_bytes()[:1000])
+    out = tmp_path / "rows.json"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.eval_main(["--checkpoint", str(sweep), "--dataset", "digits", "--batch-size", "360", "--json", str(out)])
+    assert exit_info.value.code == 2
+    assert [r["checkpoint"] for r in json.loads(out.read_text())] == [str(p) for p in good]
+    err = capsys.readouterr().err
+    assert "skipped" in err and str(cut) in err and "1 of 3 files" in err and "tiny0b.pt" in err
+    # a single damaged file is still the plain one-file error
+    with pytest.raises(SystemExit) as exit_info:
+        cli.eval_main(["--checkpoint", str(cut), "--dataset", "digits"])
+    assert exit_info.value.code == 2 and "of 3 files" not in capsys.readouterr().err
+
 def test_evaluate_metrics_match_manual():
     torch.manual_seed(0)
     logits = torch.randn(50, 7)

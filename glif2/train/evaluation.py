@@ -5,6 +5,7 @@ Shape letters: b batch, k classes.
 """
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 import pipelines
 from glif2.analysis import FiringRates
 from glif2.checkpoint import CHECKPOINT_SUFFIXES, load_model
-from glif2.errors import ConfigError
+from glif2.errors import CheckpointError, ConfigError
 from glif2.train import distributed as dist
 
 
@@ -119,25 +120,25 @@ def format_row(row: dict[str, Any]) -> str:
 
 def evaluate_checkpoints(checkpoint: str, *, dataset: str | None, data_dir: str, batch_size: int,
                          json_path: str | None = None, device: torch.device | None = None) -> list[dict[str, Any]]:
-    """eval.py: every checkpoint file at `checkpoint` (a file or a folder) on its test set; prints a row each."""
+    """eval.py: every checkpoint file at `checkpoint` (a file or a folder) on its test set; prints a row each.
+
+    In a folder, a file that cannot be read is reported and skipped so that one damaged download does not cost
+    the other rows; the rows are still printed and written, then a CheckpointError names every skipped file."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaders: dict[tuple[str, int | None], Any] = {}
-    rows = []
-    for path in find_checkpoints(checkpoint):
-        model = load_model(path, map_location=device)
-        config, meta = model.model_config, model.checkpoint_meta
-        name = dataset or meta.get("dataset") or guess_dataset(config)
-        if name is None:
-            raise ConfigError(f"{path}: cannot tell which dataset it was trained on; pass --dataset")
-        T = config["T"] if pipelines.DATASETS[name].kind == "frames" else None  # recordings binned into the model's T
-        if (name, T) not in loaders:
-            loaders[name, T] = pipelines.build_loader(name, "test", data_dir=data_dir, batch_size=batch_size, T=T,
-                                                      device=device)
-        result = evaluate_model(model, loaders[name, T], device, desc=path.name)
-        row = {"checkpoint": str(path), "format": meta["format"], "arch": config["name"], "T": config["T"],
-               "num_classes": config["num_classes"], "dataset": name, **result}
-        print(format_row(row), flush=True)
-        rows.append(row)
+    paths = find_checkpoints(checkpoint)
+    rows, unreadable = [], []
+    for path in paths:
+        try:
+            model = load_model(path, map_location=device)
+        except CheckpointError as e:
+            if len(paths) == 1:
+                raise
+            print(f"glif2-eval: skipped: {e}", file=sys.stderr, flush=True)
+            unreadable.append(path.name)
+            continue
+        rows.append(_evaluate_one(model, path, dataset, data_dir, batch_size, device, loaders))
+        print(format_row(rows[-1]), flush=True)
     if len(rows) > 1:
         print("\ncheckpoint, top-1, top-5, loss, firing rate, images/s")
         for row in rows:
@@ -146,7 +147,26 @@ def evaluate_checkpoints(checkpoint: str, *, dataset: str | None, data_dir: str,
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+    if unreadable:
+        raise CheckpointError(f"{len(unreadable)} of {len(paths)} files in {checkpoint} could not be read and were "
+                              f"skipped ({', '.join(unreadable)}; the reason for each is printed above); the other "
+                              "rows were evaluated" + (f" and written to {json_path}" if json_path else ""))
     return rows
 
+
+def _evaluate_one(model: nn.Module, path: Path, dataset: str | None, data_dir: str, batch_size: int,
+                  device: torch.device, loaders: dict[tuple[str, int | None], Any]) -> dict[str, Any]:
+    """One checkpoint's row; test loaders are built once per (dataset, T) and shared across checkpoints."""
+    config, meta = model.model_config, model.checkpoint_meta
+    name = dataset or meta.get("dataset") or guess_dataset(config)
+    if name is None:
+        raise ConfigError(f"{path}: cannot tell which dataset it was trained on; pass --dataset")
+    T = config["T"] if pipelines.DATASETS[name].kind == "frames" else None  # recordings binned into the model's T
+    if (name, T) not in loaders:
+        loaders[name, T] = pipelines.build_loader(name, "test", data_dir=data_dir, batch_size=batch_size, T=T,
+                                                  device=device)
+    result = evaluate_model(model, loaders[name, T], device, desc=path.name)
+    return {"checkpoint": str(path), "format": meta["format"], "arch": config["name"], "T": config["T"],
+            "num_classes": config["num_classes"], "dataset": name, **result}
 
 __all__ = ["evaluate", "evaluate_checkpoints", "evaluate_model", "find_checkpoints", "format_row", "guess_dataset"]
