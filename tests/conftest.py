@@ -6,6 +6,8 @@ global state behind.
 - Optional oracles and backends (SpikingJelly, DALI, matplotlib, ...): `require("module")` imports one inside a
   test, and `needs("module")` marks a test or a parametrized case. Outside CI a missing module skips; in CI
   (CI=true, set by .ci/run) it fails, so a broken install cannot turn checks into silent skips.
+- Helpers several test files share: `free_ports` for process groups, `assert_same_training_state` for two
+  checkpoints of training runs.
 - Every test starts from the same seeds (torch, numpy, random) and must leave the process as it found it:
   deterministic mode, threads, cuDNN flags, default dtype, grad mode, the model registry, dynamo's config, signal
   handlers, process groups and the environment (see `global_state`).
@@ -15,6 +17,7 @@ import importlib
 import os
 import random
 import signal
+import socket
 
 import numpy as np
 import pytest
@@ -77,6 +80,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# shared helpers
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on the loopback (all bound at once, so that no two are the same)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints: identical model, optimizer momenta, schedule, counters and scores."""
+    assert state_equal(a["model"], b["model"])
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    for key in ("epoch", "step", "best_acc", "test_acc"):
+        assert a[key] == b[key], key
 
 
 # no global state between tests

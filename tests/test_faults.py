@@ -9,7 +9,6 @@ file stays within about three minutes on two CPU cores (a third of it the torchr
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_training_state, free_ports
 
 import glif2
 from glif2 import convert
@@ -51,16 +51,6 @@ def one_line_error(stderr: str, prog: str) -> str:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def weights_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.fixture
-def restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)
 
 
 # 1. damaged checkpoints
@@ -357,23 +347,6 @@ def test_models_take_their_input_layer_from_the_dataset():
         loop.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="resnet19"))
 
 
-def test_digits_net_trains_on_cifar(tmp_path):
-    """`--dataset cifar10 --model glifnet_small` failed inside the first compiled forward (only digits set
-    in_channels): now the model gets three input channels and trains."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import numpy as np
-    from datasets_fixtures import write_cifar
-
-    rng = np.random.default_rng(0)
-    write_cifar(str(tmp_path / "cifar"), "cifar10", rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
-                rng.integers(0, 10, 64), rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-                rng.integers(0, 10, 16))
-    result = cli.train_main(["--dataset", "cifar10", "--model", "glifnet_small", "--data-dir", str(tmp_path / "cifar"),
-                             "--backend", "torch", "--compile", "none", "--T", "2", "--batch-size", "16",
-                             "--epochs", "1", "--no-tensorboard", "--out-dir", str(tmp_path / "runs")])
-    assert result["model"].features[0][0].in_channels == 3 and result["epoch"] == 1
-
-
 def test_resume_auto_without_a_checkpoint_starts_afresh_in_the_same_folder(tmp_path):
     """torchrun restarting a group that died before its first checkpoint: the same folder, records from scratch."""
     run = tmp_path / "r"
@@ -387,12 +360,6 @@ def test_resume_auto_without_a_checkpoint_starts_afresh_in_the_same_folder(tmp_p
 
 
 # 5. a dying worker does not lose the job
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
@@ -460,7 +427,7 @@ with dist.stop_deadline(2):
 def test_sigterm_ends_a_rank_waiting_in_a_collective_on_a_dead_peer():
     """Before, a SIGTERM (torchrun stopping the survivors of a group) only set a flag, which the rank read after its
     collective: it waited out the process-group timeout (30 min)."""
-    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0])}
     procs = [subprocess.Popen([sys.executable, "-c", _STUCK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
     try:
@@ -567,41 +534,5 @@ def test_torchrun_restarts_a_group_whose_rank_was_killed(tmp_path):
     assert code == 0, out
     assert "resumed" in out and "finished: epoch 3, step 66" in out, out
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(last)
-    assert (a["step"], b["step"]) == (66, 66) and weights_equal(a["model"], b["model"])
-    assert all(torch.equal(s["momentum_buffer"], t["momentum_buffer"])
-               for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True))
-
-
-# 6. SIGTERM and --max-steps resume bitwise, always
-
-
-def test_stop_and_resume_is_bitwise(tmp_path, restore_determinism):
-    """A run stopped by SIGTERM (sent once the log shows step 5) or by --max-steps, then resumed, ends with the
-    weights and optimizer state of an uninterrupted run, every time: no comparison is skipped for where the stop
-    landed."""
-    flags = ["--epochs", "2", "--deterministic"]
-    proc = subprocess.Popen([sys.executable, "train.py", *FAST, *flags, "--log-interval", "1", "--out-dir",
-                             str(tmp_path), "--name", "term"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=ROOT, env=ENV)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "step 5/22" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    code, out = _finish([proc], timeout=120)[0]
-    assert code == 0 and "stopped (sigterm)" in out, "".join(seen) + out
-    stopped_at = load_checkpoint(tmp_path / "term" / "last.pt")["step"]
-    assert 5 <= stopped_at < 44  # stopped before the end, wherever the signal landed
-
-    split = train(tmp_path, *flags, "--max-steps", "30", name="split")
-    assert split["stopped"] is loop.StopReason.MAX_STEPS and split["step"] == 30
-    full = train(tmp_path, *flags, name="full")
-    for name in ("term", "split"):
-        resumed = train(tmp_path, *flags, "--resume", "auto", name=name)
-        assert (resumed["step"], resumed["epoch"]) == (full["step"], full["epoch"]) == (44, 2)
-        a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / name / "last.pt")
-        assert weights_equal(a["model"], b["model"]), name
-        assert all(torch.equal(s["momentum_buffer"], t["momentum_buffer"])
-                   for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True))
-        assert a["scheduler"] == b["scheduler"] and a["best_acc"] == b["best_acc"]
+    assert a["step"] == 66
+    assert_same_training_state(a, b)

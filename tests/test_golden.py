@@ -117,10 +117,6 @@ def make_input(recipe: dict) -> Tensor:
     return torch.from_numpy(x).to(torch.float32)
 
 
-def to_hex(t: Tensor) -> list[str]:
-    return [float(v).hex() for v in t.detach().double().flatten().tolist()]
-
-
 def from_hex(values: list[str], shape: list[int]) -> Tensor:
     # float32 -> float64 -> hex is exact, and so is the way back
     return torch.tensor([float.fromhex(v) for v in values], dtype=torch.float64).reshape(shape).float()

@@ -7,11 +7,11 @@ rebuilt-bit-for-bit inputs), 1e-9 relative in float64 under torch.compile; a sin
 SyncBatchNorm across two processes; hypothesis for the bit packing.
 """
 
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_ports
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -77,30 +77,29 @@ def _all_modes(name: str, amp: bool = False, **options) -> dict[str, dict]:
     return {mode: _step(*_build(name, mode, **options), amp=amp) for mode in MODES}
 
 
+def _assert_bitwise_to_off(got: dict[str, dict]) -> None:
+    for mode in ("lean", "recompute"):
+        assert not _differ(got[mode], got["off"]), (mode, _differ(got[mode], got["off"]))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_bitwise_equal_to_autograd_float32(name):
     """Loss, logits, the input gradient, every parameter gradient and every BN buffer of lean and recompute equal
     the plain path's bit for bit: the same kernels run on the same (rebuilt) inputs."""
-    got = _all_modes(name)
-    for mode in ("lean", "recompute"):
-        assert not _differ(got[mode], got["off"]), (mode, _differ(got[mode], got["off"]))
+    _assert_bitwise_to_off(_all_modes(name))
 
 
 @pytest.mark.parametrize("name", ["resnet19", "sew7b_wide"])
 def test_bitwise_equal_under_bf16_autocast(name):
     """Under AMP the lean path keeps the bf16 BN inputs and casts exactly where autocast would."""
-    got = _all_modes(name, amp=True)
-    for mode in ("lean", "recompute"):
-        assert not _differ(got[mode], got["off"]), (mode, _differ(got[mode], got["off"]))
+    _assert_bitwise_to_off(_all_modes(name, amp=True))
 
 
 @pytest.mark.parametrize("options", [{"channel_wise": False}, {"variant": "glif_f"}, {"gate_mode": "hard"},
                                      {"params": "static", "gate_mode": "static_soft", "surrogate": "atan"}],
                          ids=["layer-wise", "glif_f", "hard", "static-atan"])
 def test_bitwise_equal_for_every_neuron_form(options):
-    got = _all_modes("resnet19", **options)
-    for mode in ("lean", "recompute"):
-        assert not _differ(got[mode], got["off"]), (mode, _differ(got[mode], got["off"]))
+    _assert_bitwise_to_off(_all_modes("resnet19", **options))
 
 
 def test_evaluation_and_no_grad_take_the_plain_path():
@@ -233,12 +232,6 @@ def test_memory_option_round_trips_and_validates(tmp_path):
 # SyncBatchNorm across processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync_model(mode: str, sync: bool):
     torch.manual_seed(0)
     model = glif2.create_model("glifnet_small", 10, 2, memory=mode, bn="plain", eager=True).double()
@@ -275,7 +268,7 @@ def test_sync_batchnorm_across_two_processes_equals_one_process(tmp_path, mode):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_sync_worker, args=(_free_port(), mode, out), nprocs=2, join=True)
+    mp.spawn(_sync_worker, args=(free_ports(1)[0], mode, out), nprocs=2, join=True)
     got = torch.load(out)
     model = _sync_model("off", sync=False)
     x, y = _sync_data()

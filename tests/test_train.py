@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs
+from conftest import assert_same_training_state, free_ports, needs, state_equal
 from datasets_fixtures import write_cifar
 from einops import reduce, repeat
 from torch import nn
@@ -82,23 +81,9 @@ def run(tmp_path, *flags: str, name: str = "r") -> dict:
     return cli.train_main([*FAST, "--out-dir", str(tmp_path), "--name", name, *flags])
 
 
-def state_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def records(run_dir: Path, kind: str = "epoch") -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    """Two checkpoints: identical model, optimizer momenta, schedule, counters and scores."""
-    assert state_equal(a["model"], b["model"])
-    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
-    assert a["scheduler"] == b["scheduler"]
-    for key in ("epoch", "step", "best_acc", "test_acc"):
-        assert a[key] == b[key], key
 
 
 # config
@@ -211,11 +196,8 @@ def test_resume_mid_epoch_is_bitwise(tmp_path):
     assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 30
     resumed = run(tmp_path, *flags, "--resume", "auto", name="split")
     assert (resumed["step"], resumed["epoch"]) == (full["step"], full["epoch"]) == (44, 2)
-    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
-    assert state_equal(a["model"], b["model"])
-    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
-    assert a["scheduler"] == b["scheduler"] and a["best_acc"] == b["best_acc"]
+    assert_same_training_state(load_checkpoint(tmp_path / "full" / "last.pt"),
+                               load_checkpoint(tmp_path / "split" / "last.pt"))
     epochs = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
     params = [json.loads(line) for line in (tmp_path / "split" / "glif_params.jsonl").read_text().splitlines()]
@@ -236,6 +218,7 @@ def test_resume_mid_epoch_with_augmentation_is_bitwise(tmp_path, backend):
     run(tmp_path, *flags, "--max-steps", "8", name="split")  # 6 steps per epoch: stops in epoch 2
     resumed = run(tmp_path, *flags, "--resume", "auto", name="split")
     assert full["step"] == resumed["step"] == 12
+    assert full["model"].features[0][0].in_channels == 3  # the digits net takes its input layer from the dataset
     assert_same_training_state(load_checkpoint(tmp_path / "full" / "last.pt"),
                                load_checkpoint(tmp_path / "split" / "last.pt"))
 
@@ -331,17 +314,6 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
 DDP_FLAGS = [*FAST, "--model", "ddp_probe", "--memory", "off", "--batch-size", "64", "--eval-batch-size", "64",
              "--lr", "0.5", "--device", "cpu", "--epochs", "2", "--deterministic"]
 DDP_RUNS = [("full", []), ("split", ["--max-steps", "30"]), ("split", ["--resume", "auto"])]  # 22 steps per epoch
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def eval_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
