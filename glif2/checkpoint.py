@@ -260,7 +260,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if not is_ours(ckpt):
         return _load_reference(path, ckpt, **overrides).to(map_location)
     # Files written before the GLIF options were renamed say gates / gate: read them under the new names, quietly.
-    saved = rename_deprecated_quietly(ckpt["model_config"])
+    saved = rename_deprecated(ckpt["model_config"], warn=False)
     config = {**saved, **rename_deprecated(overrides)}
     name, num_classes, T = config.pop("name"), config.pop("num_classes"), config.pop("T")
     model = create_model(name, num_classes, T, **config)
@@ -273,13 +273,6 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         **{k: ckpt[k] for k in ("epoch", "step", "best_acc") if k in ckpt},
     }
     return model.to(map_location)
-
-
-def rename_deprecated_quietly(options: dict[str, Any]) -> dict[str, Any]:
-    """rename_deprecated without the warning (for stored configs, which the user did not write)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return rename_deprecated(options)
 
 
 # the authors' files

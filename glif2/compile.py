@@ -47,9 +47,17 @@ def scoped(fn: Callable) -> Callable:
     return run
 
 
-def compile_kernel(fn: Callable) -> Callable:
-    """One fused kernel per direction: fullgraph (a graph break would split the time loop), static shapes."""
-    return scoped(torch.compile(fn, fullgraph=True, dynamic=False))
+def compile_kernel(fn: Callable) -> Callable[[bool], Callable]:
+    """One fused kernel per direction: fullgraph (a graph break would split the time loop), static shapes.
+
+    Returns `kernel(eager)`: the compiled kernel, or `fn` itself when `eager` or when already inside a compiled
+    graph (an outer torch.compile traces `fn` into its own graph)."""
+    compiled = scoped(torch.compile(fn, fullgraph=True, dynamic=False))
+
+    def kernel(eager: bool) -> Callable:
+        return fn if eager or torch.compiler.is_compiling() else compiled
+
+    return kernel
 
 
 def compile_model(model: nn.Module, mode: str = "default", fullgraph: bool = True) -> nn.Module:

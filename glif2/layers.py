@@ -115,8 +115,6 @@ def neuron_factory(T: int, channel_wise: bool = True, **glif_options) -> Callabl
     """Returns `make(channels) -> GLIF` with the shared options; channel_wise=False gives layer-wise neurons.
     The options are validated once, here, before any network is built."""
     glif_options = rename_deprecated(glif_options)
-    if "gate_init" in glif_options:
-        glif_options["gate_init"] = tuple(glif_options["gate_init"])
     GLIF(T, 1 if channel_wise else None, **glif_options)
 
     def make(channels: int) -> GLIF:

@@ -19,6 +19,7 @@ calls the ATen backward that autograd itself would call (convolution_backward, n
 avg_pool2d_backward), on inputs rebuilt bit for bit. Evaluation and no-grad inference always take the plain path.
 """
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.utils import _pair
 
+from glif2.analysis import FiringRates
 from glif2.compile import compile_kernel
 from glif2.layers import merge_time, split_time, tdBatchNorm
 from glif2.neuron import GLIF, GLIFCoeffs, fused_kernels
@@ -93,8 +96,8 @@ def unpack(packed: Tensor, grid: Grid, shape: tuple[int, ...], dtype: torch.dtyp
     return values / grid.scale if grid.scale != 1 else values
 
 
-_pack_compiled = compile_kernel(pack)
-_unpack_compiled = compile_kernel(unpack)
+_pack_kernel = compile_kernel(pack)
+_unpack_kernel = compile_kernel(unpack)
 
 # How a layer keeps an input for its backward (`Encoding`, a tuple of plain values so that it can travel through
 # autograd.Function arguments under dynamo): None keeps the tensor itself; ("bits", scale, top) keeps it packed;
@@ -114,8 +117,7 @@ def decode(saved: Tensor, encoding: Encoding, shape: tuple[int, ...], dtype: tor
     if encoding is None:
         return saved
     if encoding[0] == "bits":
-        run = unpack if eager or torch.compiler.is_compiling() else _unpack_compiled
-        return run(saved, Grid(encoding[1], encoding[2]), shape, dtype)
+        return _unpack_kernel(eager)(saved, Grid(encoding[1], encoding[2]), shape, dtype)
     return repeat(saved, "b c h w -> (t b) c h w", t=encoding[1]).to(dtype)
 
 
@@ -131,8 +133,7 @@ class Act:
         """(what a consumer keeps for its backward, the encoding that rebuilds x from it)."""
         if self.grid is not None and self.grid.bits is not None:
             if self._packed is None:
-                run = pack if self.eager or torch.compiler.is_compiling() else _pack_compiled
-                self._packed = run(self.x, self.grid)
+                self._packed = _pack_kernel(self.eager)(self.x, self.grid)
             return self._packed, ("bits", self.grid.scale, self.grid.top)
         if self.image is not None:
             return self.image, ("repeat", self.x.shape[0])
@@ -293,12 +294,18 @@ def _(y, weight, bias, running_mean, running_var, momentum, eps, group):
     return y.new_empty(y.shape), y.new_empty((y.shape[1],), dtype=acc), y.new_empty((y.shape[1],), dtype=acc)
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse(spec: str) -> list:
+    # A unit's spec is the same string every step: parse it once. Read-only: the result is shared.
+    return json.loads(spec)
+
+
 @torch.library.custom_op("glif2::unit_forward", mutates_args=())
 def unit_forward(v: Tensor, tensors: list[Tensor], coeffs: list[Tensor], spec: str) -> Tensor:
     """GLIF over the (already computed, time-merged) input v, or v itself when the unit has no neuron. `tensors`
     (each branch's; an empty tensor stands for None) and `spec` (JSON: the branches' static facts, the neuron's) are
     for the backward."""
-    neuron, eager = json.loads(spec)[1:]
+    neuron, eager = _parse(spec)[1:]
     if neuron is None:
         return v.clone()
     v_t = split_time(v, neuron["t"])
@@ -307,18 +314,19 @@ def unit_forward(v: Tensor, tensors: list[Tensor], coeffs: list[Tensor], spec: s
 
 @unit_forward.register_fake
 def _(v, tensors, coeffs, spec):
-    neuron = json.loads(spec)[1]
+    neuron = _parse(spec)[1]
     return v.new_empty(split_time(v, neuron["t"]).shape if neuron is not None else v.shape)
 
 
 @torch.library.custom_op("glif2::unit_backward", mutates_args=())
 def unit_backward(grad: Tensor, kept: list[Tensor], conv_weights: list[Tensor], stats: list[Tensor],
-                  coeffs: list[Tensor], spec: str) -> list[Tensor]:
+                  coeffs: list[Tensor], needs: list[bool], spec: str) -> list[Tensor]:
     """The unit's backward: rebuild each BN input bit for bit (unpack, or redo the conv), the BN outputs and their
     sum (the GLIF input), run the fused GLIF backward, then each BN's and conv's ATen backward. `stats` holds
-    (weight, bias, mean, invstd) per branch. Returns per branch the gradients of z, the conv weight, the BN weight
-    and bias, then the coefficients' gradients (empty tensors where none is needed)."""
-    branches, neuron, eager = json.loads(spec)
+    (weight, bias, mean, invstd) per branch, and `needs` which of (z, conv weight, BN weight, BN bias) need a gradient.
+    Returns per branch the gradients of z, the conv weight, the BN weight and bias, then the coefficients' gradients
+    (empty tensors where none is needed)."""
+    branches, neuron, eager = _parse(spec)
     ys, parts = [], []
     for k, br in enumerate(branches):
         weight, bias, mean, invstd = stats[4 * k : 4 * k + 4]
@@ -344,7 +352,7 @@ def unit_backward(grad: Tensor, kept: list[Tensor], conv_weights: list[Tensor], 
         weight, _, mean, invstd = stats[4 * k : 4 * k + 4]
         z, y = ys[k]
         conv = _conv_tuple(br["conv"])
-        need_z, need_cw, need_w, need_b = br["needs"]
+        need_z, need_cw, need_w, need_b = needs[4 * k : 4 * k + 4]
         gy, g_w, g_b = _bn_backward(dv, y, weight, mean, invstd, br["eps"], _group(br["group"]),
                                     (need_z or need_cw, need_w, need_b))
         gz, g_cw = gy, None
@@ -356,11 +364,11 @@ def unit_backward(grad: Tensor, kept: list[Tensor], conv_weights: list[Tensor], 
 
 
 @unit_backward.register_fake
-def _(grad, kept, conv_weights, stats, coeffs, spec):
-    branches, neuron, _ = json.loads(spec)
+def _(grad, kept, conv_weights, stats, coeffs, needs, spec):
+    branches, neuron, _ = _parse(spec)
     out = []
     for k, br in enumerate(branches):
-        z_shape, (need_z, need_cw, need_w, need_b) = br["shape"], br["needs"]
+        z_shape, (need_z, need_cw, need_w, need_b) = br["shape"], needs[4 * k : 4 * k + 4]
         weight = stats[4 * k]
         out += [grad.new_empty(z_shape if need_z else (0,), dtype=getattr(torch, br["dtype"])),
                 grad.new_empty(conv_weights[k].shape if need_cw else (0,), dtype=conv_weights[k].dtype),
@@ -384,7 +392,7 @@ def _group(name: str | None):
 
 def _unit_setup_context(ctx, inputs, output):
     v, tensors, coeffs, spec = inputs
-    branches = json.loads(spec)[0]
+    branches = _parse(spec)[0]
     kept, conv_weights, stats = [], [], []
     for k, br in enumerate(branches):
         z, kept_k, conv_w, bn_w, bn_b, mean, invstd = tensors[k * BRANCH_TENSORS : (k + 1) * BRANCH_TENSORS]
@@ -394,22 +402,19 @@ def _unit_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*kept, *conv_weights, *stats, *coeffs)
     ctx.counts = len(branches)
     ctx.spec = spec
-    ctx.needs = [t.requires_grad for t in tensors]
+    # per branch: does z, its conv weight, the BN weight, the BN bias need a gradient (BRANCH_TENSORS 0, 2, 3, 4)
+    ctx.needs = [tensors[k * BRANCH_TENSORS + i].requires_grad for k in range(len(branches)) for i in (0, 2, 3, 4)]
 
 
 def _unit_backward(ctx, grad: Tensor):
     n = ctx.counts
     saved = ctx.saved_tensors
     kept, conv_weights, stats, coeffs = saved[:n], saved[n : 2 * n], saved[2 * n : 6 * n], saved[6 * n :]
-    spec = json.loads(ctx.spec)
-    for k, br in enumerate(spec[0]):
-        z, _, cw, w, b = ctx.needs[k * BRANCH_TENSORS : k * BRANCH_TENSORS + 5]
-        br["needs"] = [z, cw, w, b]
-    out = unit_backward(grad, list(kept), list(conv_weights), list(stats), list(coeffs), json.dumps(spec))
+    out = unit_backward(grad, list(kept), list(conv_weights), list(stats), list(coeffs), ctx.needs, ctx.spec)
+    grads = [g if need else None for g, need in zip(out[: 4 * n], ctx.needs, strict=True)]
     tensor_grads = []
-    for k, br in enumerate(spec[0]):
-        gz, g_cw, g_w, g_b = (g if need else None for g, need in zip(out[4 * k : 4 * k + 4], br["needs"],
-                                                                      strict=True))
+    for k in range(n):
+        gz, g_cw, g_w, g_b = grads[4 * k : 4 * k + 4]
         tensor_grads += [gz, None, g_cw, g_w, g_b, None, None]
     return None, tensor_grads, list(out[4 * n :]), None
 
@@ -555,7 +560,7 @@ def unit(branches: list[Branch], neuron: GLIF | None, lean: Lean, t: int) -> Ten
     if neuron is not None:
         spec_neuron = (t, neuron.flat_pattern(), neuron.surrogate, neuron.surrogate_width)
         coeffs = list(neuron.coefficients())
-    spec = _spec_string((tuple(statics), spec_neuron, lean.eager or getattr(neuron, "eager", False)))
+    spec = _spec_string((tuple(statics), spec_neuron, lean.eager))
     return unit_forward(v, tensors, coeffs, spec)
 
 
@@ -564,7 +569,7 @@ def _spec_string(spec: tuple) -> str:
     """The unit's static facts as the JSON string its custom ops take (computed once per trace under compile)."""
     statics, neuron, eager = spec
     branches = [{"encoding": enc, "conv": conv, "eps": eps, "kept_is_z": kept_is_z, "group": group,
-                 "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "needs": [True] * 4}
+                 "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}
                 for enc, conv, eps, kept_is_z, group, shape, dtype in statics]
     if neuron is not None:
         neuron = dict(zip(("t", "pattern", "surrogate", "width"), neuron, strict=True))
@@ -614,9 +619,7 @@ def conv_bn_plain(conv_bn: nn.Sequential, act: Act, lean: Lean) -> Tensor:
 
 def pool(module: nn.AvgPool2d, act: Act) -> Act:
     """A time-merged average pool that keeps nothing; pooled spikes stay on a (finer) grid."""
-    kernel = module.kernel_size if isinstance(module.kernel_size, tuple) else (module.kernel_size,) * 2
-    stride = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 2
-    padding = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
+    kernel, stride, padding = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
     args = (list(kernel), list(stride), list(padding), module.ceil_mode, module.count_include_pad,
             module.divisor_override)
     y = split_time(AvgPoolNoSave.apply(merge_time(act.x), args), t=act.x.shape[0])
@@ -697,16 +700,9 @@ def set_memory(model: nn.Module, mode: str) -> nn.Module:
 
 def neuron_steps(model: nn.Module, x: Tensor) -> int:
     """GLIF outputs of one forward of `model` on x, over all layers and steps (the plain path, no autograd)."""
-    outputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel())) for m in model.modules()
-             if isinstance(m, GLIF)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sum(outputs)
+    with torch.no_grad(), FiringRates(model) as counter:
+        model(x)
+    return sum(counter.counts.values())
 
 
 def saved_activation_bytes(model: nn.Module, step) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from glif2.surrogate import get_surrogate
 VARIANTS = ("glif", "glif_f")
 GATE_MODES = ("soft", "hard", "static_soft", "static_hard")
 PARAM_MODES = ("learned", "static")
+GATE_INIT = (0.6, 0.8, 0.6)  # the authors' default --gate
 
 
 class GLIFState(NamedTuple):
@@ -165,16 +166,14 @@ def fused_backward(
     return rearrange(d_x, "t (b c) n -> t b c n", b=b), grads
 
 
-_fused_forward_compiled = compile_kernel(fused_forward)
-_fused_backward_compiled = compile_kernel(fused_backward)
+_fused_forward_kernel = compile_kernel(fused_forward)
+_fused_backward_kernel = compile_kernel(fused_backward)
 
 
 def fused_kernels(eager: bool) -> tuple[Callable, Callable]:
     """(fused_forward, fused_backward): glif2's compiled kernels, or the plain functions when `eager` or when already
-    inside a compiled graph (an outer torch.compile traces them into its own graph)."""
-    if eager or torch.compiler.is_compiling():
-        return fused_forward, fused_backward
-    return _fused_forward_compiled, _fused_backward_compiled
+    inside a compiled graph (compile_kernel)."""
+    return _fused_forward_kernel(eager), _fused_backward_kernel(eager)
 
 
 class GLIFFunction(torch.autograd.Function):
@@ -262,7 +261,7 @@ class GLIF(nn.Module):
         *,
         variant: str = "glif",
         gate_mode: str = "soft",
-        gate_init: tuple[float, float, float] = (0.6, 0.8, 0.6),
+        gate_init: tuple[float, float, float] = GATE_INIT,
         params: str = "learned",
         tau: float = 0.25,
         v_th: float = 0.5,
@@ -275,7 +274,10 @@ class GLIF(nn.Module):
         **deprecated,
     ):
         super().__init__()
-        renamed = rename_deprecated(deprecated)
+        # A deprecated alias beside its new name given other than the default is a TypeError (rename_deprecated).
+        given = {"gate_mode": gate_mode, "gate_init": tuple(gate_init)}
+        defaults = {"gate_mode": "soft", "gate_init": GATE_INIT}
+        renamed = rename_deprecated({**{k: v for k, v in given.items() if v != defaults[k]}, **deprecated})
         unknown = set(renamed) - {"gate_mode", "gate_init"}
         if unknown:
             raise TypeError(f"GLIF got unexpected keyword arguments {sorted(unknown)}")
@@ -404,15 +406,17 @@ class GLIF(nn.Module):
 _DEPRECATED = {"gates": "gate_mode", "gate": "gate_init"}
 
 
-def rename_deprecated(options: dict) -> dict:
+def rename_deprecated(options: dict, warn: bool = True) -> dict:
     """A copy of `options` with the deprecated keywords `gates` / `gate` renamed to `gate_mode` / `gate_init` (one
-    DeprecationWarning each). Both spellings at once is a TypeError."""
+    DeprecationWarning each, unless `warn` is False: a stored config the user did not write). Both spellings at once
+    is a TypeError."""
     out = dict(options)
     for old, new in _DEPRECATED.items():
         if old in out:
             if new in out:
                 raise TypeError(f"pass {new}= only ({old}= is its deprecated alias)")
-            warnings.warn(f"the GLIF option {old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
+            if warn:
+                warnings.warn(f"the GLIF option {old}= is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
             out[new] = out.pop(old)
     return out
 

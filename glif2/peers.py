@@ -6,6 +6,7 @@ Needs spikingjelly (installed --no-deps by the Makefile). Only the gated, soft-g
 
 from torch import nn
 
+from glif2.memory import set_memory
 from glif2.neuron import GLIF
 
 # glif2's parameter names -> GatedLIFNode's (the others, alpha beta gamma tau conduct, are the same)
@@ -30,7 +31,7 @@ def with_gated_lif_nodes(model: nn.Module) -> nn.Module:
         for name, child in list(m.named_children()):
             if isinstance(child, GLIF):
                 setattr(m, name, gated_lif_node(child))
-    model.memory = "off"  # the peer runs plain autograd
+    set_memory(model, "off")  # the peer runs plain autograd
     return model
 
 

@@ -250,6 +250,20 @@ def test_load_model_overrides_and_shape_errors(tmp_path):
         glif2.load_model(path, T=3)
 
 
+def test_configs_under_the_deprecated_gate_names_load_silently(tmp_path, recwarn):
+    """Files written before gate_mode= / gate_init= were named store gates / gate: they load under the new names,
+    without a warning (the user did not write them); create_model still takes the old keywords, with one."""
+    with pytest.warns(DeprecationWarning, match="gates= is deprecated"):
+        model = glif2.create_model("glifnet_small", 10, 2, gates="hard", memory="off")
+    assert model.model_config["gate_mode"] == "hard" and "gates" not in model.model_config
+    config = {("gates" if k == "gate_mode" else "gate" if k == "gate_init" else k): v
+              for k, v in model.model_config.items()}
+    path = glif2.save_checkpoint(tmp_path / "old.pt", model=model, model_config=config)
+    recwarn.clear()
+    loaded = glif2.load_model(path)
+    assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    assert loaded.model_config["gate_mode"] == "hard" and loaded.features[1].gate_mode == "hard"
+
 def test_rng_state_round_trip(tmp_path):
     path = glif2.save_checkpoint(tmp_path / "rng.pt", rng=rng_state())
     a = (random.random(), np.random.rand(), torch.rand(1))

@@ -452,6 +452,24 @@ def test_bad_construction_errors(kwargs, match):
         GLIF(**kwargs)
 
 
+def test_deprecated_gate_keywords_still_work_for_one_release():
+    """gates= / gate= (the names before gate_mode= / gate_init=) and GLIF.values() keep working with a
+    DeprecationWarning; an alias next to its new name is refused, also when the new name is given a value."""
+    with pytest.warns(DeprecationWarning) as caught:
+        old = GLIF(T, 3, gates="hard", gate=(0.1, 0.2, 0.3))
+    assert sorted(str(w.message) for w in caught) == ["the GLIF option gate= is deprecated; use gate_init=",
+                                                      "the GLIF option gates= is deprecated; use gate_mode="]
+    new = GLIF(T, 3, gate_mode="hard", gate_init=(0.1, 0.2, 0.3))
+    assert old.gate_mode == "hard"
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True))
+    with pytest.warns(DeprecationWarning, match="use GLIF.effective_values"):
+        values = old.values()
+    assert {k: v.tolist() for k, v in values.items()} == {k: v.tolist() for k, v in new.effective_values().items()}
+    for both in (dict(gates="hard", gate_mode="hard"), dict(gates="soft", gate_mode="hard"),
+                 dict(gate=(0.1, 0.2, 0.3), gate_init=(0.2, 0.2, 0.2))):
+        with pytest.raises(TypeError, match="only .* is its deprecated alias"):
+            GLIF(T, 3, **both)
+
 def test_all_gate_modes_and_variants_build():
     for variant, gates, channels in itertools.product(("glif", "glif_f"), GATE_MODES, (None, 2)):
         m = GLIF(2, channels, variant=variant, gate_mode=gates)
