@@ -43,7 +43,6 @@ class ReleasedFile:
     T: int
     dataset: str
     bn: str = "td"  # "plain": trained under SyncBN, which dropped tdBN's scale (docs/neuron.md §6)
-    container: str = "state_dict"
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,8 +50,7 @@ def _cifar(arch: str, k: int, t: int) -> ReleasedFile:
     return ReleasedFile(arch, k, t, f"cifar{k}")
 
 
-_DVS = ReleasedFile("sew7b_wide", 10, 16, "cifar10dvs", bn="plain", container="net",
-                    options={"gate_dtype": "float64"})
+_DVS = ReleasedFile("sew7b_wide", 10, 16, "cifar10dvs", bn="plain", options={"gate_dtype": "float64"})
 
 # file stem -> contents. The CIFAR files are named <net>-CIFAR<k>-step<T>-CW.pth.tar; the ImageNet file was saved
 # from DDP (keys start with `module.`); the three CIFAR10-DVS files are snapshots of one run.
@@ -65,17 +63,12 @@ RELEASED: dict[str, ReleasedFile] = {
     "checkpoint_max_newest": _DVS,
 }
 
-_SUFFIXES = re.compile(r"(\.pth\.tar|\.pth|\.tar|\.pt|\.ckpt)$")
-
-
-def released_file(path: str | Path) -> tuple[str, ReleasedFile] | None:
-    """(stem, entry) of the released file `path` is, by name: the exact stem, else the longest table stem the name
-    contains (the authors' own loader also matched names by substring). None when the name says nothing."""
-    stem = _SUFFIXES.sub("", Path(path).name)
-    if stem in RELEASED:
-        return stem, RELEASED[stem]
-    found = [s for s in RELEASED if s in stem]
-    return (max(found, key=len), RELEASED[max(found, key=len)]) if found else None
+def released_file(path: str | Path) -> ReleasedFile | None:
+    """The entry of the released file `path` is, by name: the longest table stem the file name contains (the exact
+    stem when it is one; the authors' own loader also matched names by substring). None when the name says
+    nothing."""
+    found = [stem for stem in RELEASED if stem in Path(path).name]
+    return RELEASED[max(found, key=len)] if found else None
 
 
 def clean_state_dict(state_dict: dict[str, Tensor]) -> "OrderedDict[str, Tensor]":
@@ -170,8 +163,7 @@ def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, nu
     shapes are the fallback for files it does not know (and supply the options the table does not fix: neuron
     form, head, input channels). `says` describes what the tensors look like, for error messages.
     """
-    entry = released_file(path)
-    table = entry[1] if entry else None
+    table = released_file(path)
     by_shape = infer_from_shapes(sd)
     inferred = {k: getattr(table, k) if table else by_shape.get(k) for k in ("arch", "num_classes", "T")}
     chosen = {"arch": arch or inferred["arch"], "num_classes": num_classes or inferred["num_classes"],

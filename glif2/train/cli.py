@@ -17,7 +17,7 @@ from typing import Any
 
 from glif2.errors import CheckpointError, ConfigError
 from glif2.train import distributed as dist
-from glif2.train.config import CHOICES, DEFAULT_PRESET, PRESETS, RENAMED, TrainConfig
+from glif2.train.config import DEFAULT_PRESET, PRESETS, RENAMED, TrainConfig, choices
 from pipelines import DATASETS, DataError
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError)
@@ -52,8 +52,6 @@ class _Renamed(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """--preset plus one flag per TrainConfig field, defaults unset so that only the flags given override the
     preset."""
-    from glif2.models import list_models
-
     parser = argparse.ArgumentParser(
         prog="glif2-train",
         description="Train a GLIF network (single process, or under torchrun for DDP). Flags override the preset's "
@@ -64,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     docs = _field_docs()
     hints = typing.get_type_hints(TrainConfig)
-    choices = {**CHOICES, "model": tuple(list_models())}
+    allowed = choices()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         tp = _flag_type(hints[f.name])
@@ -75,11 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=args[0], nargs=len(args), default=None, help=docs.get(f.name, ""),
                                 metavar=f.name.upper())
         else:
-            parser.add_argument(flag, type=tp, default=None, help=docs.get(f.name, ""), choices=choices.get(f.name),
-                                metavar=None if f.name in choices else f.name.upper())
+            parser.add_argument(flag, type=tp, default=None, help=docs.get(f.name, ""), choices=allowed.get(f.name),
+                                metavar=None if f.name in allowed else f.name.upper())
     for old, new in RENAMED.items():
         parser.add_argument("--" + old.replace("_", "-"), dest=new, action=_Renamed, default=None,
-                            choices=choices.get(new), help=argparse.SUPPRESS)
+                            choices=allowed.get(new), help=argparse.SUPPRESS)
     return parser
 
 

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from glif2.checkpoint import CHECKPOINT_SUFFIXES
+from glif2.compile import COMPILE_MODES
 from glif2.errors import ConfigError
 from glif2.layers import BN_KINDS
 from glif2.memory import MEMORY_MODES
 from glif2.models import list_models
-from glif2.neuron import GATE_MODES, PARAM_MODES, VARIANTS
+from glif2.neuron import GATE_INIT, GATE_MODES, PARAM_MODES, VARIANTS
+from glif2.train.distributed import DEFAULT_TIMEOUT_S
 from pipelines import BACKENDS, DATASETS
 
 # The allowed values of every choice field (validation and the command line's `--flag {a,b,...}` both read this).
@@ -39,9 +41,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "param_groups": ("glif", "single"),
     "scheduler": ("auto", "cosine", "soft-cosine"),
     "amp_dtype": ("bfloat16", "float16"),
-    "compile": ("auto", "none", "default", "max-autotune", "reduce-overhead"),
+    "compile": ("auto", *COMPILE_MODES),
     "device": ("auto", "cpu", "cuda"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """CHOICES and the models registered now (a user can register more after import)."""
+    return {**CHOICES, "model": tuple(list_models())}
 # Fields renamed since checkpoints were first written: old name -> new name (configs stored under the old name load).
 RENAMED = {"gates": "gate_mode"}
 
@@ -72,7 +79,7 @@ class TrainConfig:
     """Gate mode: soft (the README's --soft-mode), hard, static_soft, static_hard."""
     variant: str = "glif"
     """glif, or glif_f (the gate-free ablation, --softsimple)."""
-    gate_init: tuple[float, float, float] = (0.6, 0.8, 0.6)
+    gate_init: tuple[float, float, float] = GATE_INIT
     """Initial (alpha, beta, gamma) gate values g in (-0.5, 1.5), kept as logit(0.25 + g / 2) (the authors' --gate)."""
     params: str = "learned"
     """learned, or static: tau, v_th, leak, v_reset and conduct fixed at their initial values (--static-param)."""
@@ -120,7 +127,7 @@ class TrainConfig:
     reduce-overhead."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu or cuda."""
-    dist_timeout: int = 600
+    dist_timeout: int = DEFAULT_TIMEOUT_S
     """Seconds the process-group set-up and each collective may wait for the other ranks before failing (torch's
     default is 30 minutes): how long a rank can wait on a peer that is gone."""
     threads: int = 0
@@ -152,7 +159,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises ConfigError, naming the field, for values no run can use (things that need the world size or the
         data are checked when the run starts)."""
-        for name, options in {**CHOICES, "model": tuple(list_models())}.items():
+        for name, options in choices().items():
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {', '.join(options)}")
         for f in dataclasses.fields(self):
@@ -233,4 +240,4 @@ PRESETS["cifar10dvs-sew7b-t16"] = dict(dataset="cifar10dvs", model="sew7b_wide",
 DEFAULT_PRESET = "digits"
 
 
-__all__ = ["CHOICES", "DEFAULT_PRESET", "PRESETS", "RENAMED", "TrainConfig"]
+__all__ = ["CHOICES", "DEFAULT_PRESET", "PRESETS", "RENAMED", "TrainConfig", "choices"]

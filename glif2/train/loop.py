@@ -14,7 +14,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -109,8 +108,9 @@ class Run:
 # set-up
 
 
-def preflight(cfg: TrainConfig, world_size: int) -> Path | None:
-    """Every check that can fail before any work is done; returns the checkpoint to resume from (or None)."""
+def preflight(cfg: TrainConfig, world_size: int) -> tuple[Path, dict[str, Any]] | None:
+    """Every check that can fail before any work is done; returns the checkpoint to resume from, (its path, its
+    contents on the CPU), or None."""
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} (global) does not divide over {world_size} ranks; "
                           f"use a multiple of {world_size}")
@@ -135,10 +135,11 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path | None:
             return None  # nothing to continue: a fresh run
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file")
     try:
-        saved = load_checkpoint(path).get("config")
+        ckpt = load_checkpoint(path, map_location="cpu")
     except CheckpointError as e:
         raise CheckpointError(f"cannot resume: {e}. Resume from another checkpoint (--resume PATH, e.g. the run's "
                               "best.pt) or start a new run under another --name") from None
+    saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} has no training config: not a train.py checkpoint")
     saved = TrainConfig.from_dict(saved)
@@ -147,7 +148,12 @@ def preflight(cfg: TrainConfig, world_size: int) -> Path | None:
             raise ConfigError(f"cannot resume {path}: it was trained with {key}={getattr(saved, key)!r} but this run "
                               f"has {key}={getattr(cfg, key)!r}; pass --{key.replace('_', '-')} "
                               f"{getattr(saved, key)} or a new --name")
-    return path
+    saved_world = ckpt.get("world_size", world_size)
+    if saved_world != world_size:
+        raise ConfigError(f"cannot resume {path}: it was written by a run on {saved_world} processes and this one has "
+                          f"{world_size}; the data order and batches per rank would differ. Resume with "
+                          f"{saved_world} processes, or start a new --name")
+    return path, ckpt
 
 
 def model_options(cfg: TrainConfig) -> dict[str, Any]:
@@ -211,8 +217,8 @@ def process_state(cfg: TrainConfig):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
-def build_run(cfg: TrainConfig, info: dist.DistInfo, resume_path: Path | None) -> Run:
-    """Data, model, compile, DDP, optimizer, and the state of the checkpoint being resumed."""
+def build_run(cfg: TrainConfig, info: dist.DistInfo, resume: tuple[Path, dict[str, Any]] | None) -> Run:
+    """Data, model, compile, DDP, optimizer, and the state of the checkpoint being resumed (preflight's)."""
     device, world = info.device, info.world_size
     compile_mode = cfg.compile if cfg.compile != "auto" else ("reduce-overhead" if device.type == "cuda" else "default")
     cudagraphs = compile_mode == "reduce-overhead"
@@ -229,9 +235,8 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo, resume_path: Path | None) -
         randomize_gates(model)
     if cfg.sync_bn:  # plain BN already (model_options), now synchronised; one process: plain BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict=True)
+    if resume is not None:
+        model.load_state_dict(resume[1]["model"], strict=True)
     model.to(device)
     dist.print0(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                 f"{len(list(glif_layers(model)))} GLIF layers; compile={compile_mode}")
@@ -252,21 +257,16 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo, resume_path: Path | None) -
               step_module=step_module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
               opt_step=compile_step(optimizer.step, compile_mode) if cudagraphs else optimizer.step,
               train_loader=train_loader, test_loader=test_loader, cudagraphs=cudagraphs)
-    if ckpt is not None:
-        restore(run, ckpt, resume_path)
+    if resume is not None:
+        restore(run, *resume)
     if cudagraphs:  # the compiled step reads the learning rates as tensors: a new lr is new data, not a recompile
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
     return run
 
 
-def restore(run: Run, ckpt: dict[str, Any], path: Path) -> None:
+def restore(run: Run, path: Path, ckpt: dict[str, Any]) -> None:
     """The optimizer, schedule, scaler, counters and RNG of a checkpoint (the model is loaded before compiling)."""
-    saved_world = ckpt.get("world_size", run.info.world_size)
-    if saved_world != run.info.world_size:
-        raise ConfigError(f"cannot resume {path}: it was written by a run on {saved_world} processes and this one has "
-                          f"{run.info.world_size}; the data order and batches per rank would differ. Resume with "
-                          f"{saved_world} processes, or start a new --name")
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -277,15 +277,6 @@ def restore(run: Run, ckpt: dict[str, Any], path: Path) -> None:
 
 
 # one epoch
-
-
-def make_progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar on a terminal; None (plain lines instead) when stderr is not a TTY or on other ranks."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 class Window:
@@ -427,12 +418,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs (or continues) the training described by `cfg`. Returns {model (the raw module), epoch, step, best_acc,
     test_acc, stopped (a StopReason), run_dir}."""
     world_size = dist.env_world_size()
-    resume_path = preflight(cfg, world_size)
+    resume = preflight(cfg, world_size)
     info = dist.init(cfg.device, cfg.dist_timeout)
     dist.print0(f"glif2 train: {cfg.name} on {world_size} x {info.device}")
     with process_state(cfg):
-        run = build_run(cfg, info, resume_path)
-        run.run_dir = run_folder(cfg, resume_path is not None, info)
+        run = build_run(cfg, info, resume)
+        run.run_dir = run_folder(cfg, resume is not None, info)
         if run.run_dir != Path(cfg.run_dir):
             dist.print0(f"{cfg.run_dir} holds another run: this one writes to {run.run_dir} (--resume auto continues "
                         f"{cfg.run_dir}; --name picks another name)")
@@ -440,11 +431,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # A resumed run keeps its records up to the checkpoint. `--resume auto` with no checkpoint yet restarts the
         # same run from scratch (e.g. torchrun restarting a group that died before its first checkpoint): the
         # records of that attempt go.
-        keep_until = run.step if resume_path is not None else -1 if cfg.resume == "auto" else None
+        keep_until = run.step if resume is not None else -1 if cfg.resume == "auto" else None
         run.logger = Logger(run.run_dir, info.is_main, cfg.tensorboard, keep_until)
         if info.is_main:
             (run.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            if resume_path is None:
+            if resume is None:
                 run.logger.log_params(neuron_record(run.model, 0, 0))
 
         def on_sigterm(signum, frame):
