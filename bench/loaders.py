@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from datasets_fixtures import write_cifar
 
 import pipelines
-from pipelines.cifar import CIFAR10_MEAN, CIFAR10_STD, load_cifar
+from pipelines.cifar import load_cifar
 from pipelines.cifar10dvs import CLASSES
+from pipelines.datasets import CIFAR10_MEAN, CIFAR10_STD
 
 
 def sync(device: str) -> None:

@@ -34,49 +34,45 @@ import torch.nn.functional as F
 import glif2
 from glif2.compile import compile_model
 from glif2.memory import neuron_steps, saved_activation_bytes
+from glif2.train.loop import Objective
+from pipelines import DATASETS
 
-NETS = {  # name: (model, classes, T, per-sample input shape, options, batch on CPU, batch on CUDA)
-    "resnet19": ("resnet19", 10, 4, (3, 32, 32), {}, 4, 64),
-    "sew7b_wide": ("sew7b_wide", 10, 16, (16, 2, 48, 48), {}, 2, 32),
-    "resnet18ms": ("resnet18ms", 1000, 6, (3, 224, 224), {}, 1, 16),
+NETS = {  # model: (dataset (its classes and input shape), T, batch on CPU, batch on CUDA)
+    "resnet19": ("cifar10", 4, 4, 64),
+    "sew7b_wide": ("cifar10dvs", 16, 2, 32),
+    "resnet18ms": ("imagenet", 6, 1, 16),
 }
 CANDIDATES = ("glif2 off", "glif2 lean", "glif2 recompute", "SJ GatedLIFNode")
 
 
-class Objective(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.model(x), y)
+def num_classes(net: str) -> int:
+    return DATASETS[NETS[net][0]].num_classes
 
 
 def make_input(net: str, batch: int, device: torch.device, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _, classes, _, shape, _, _, _ = NETS[net]
+    info = DATASETS[NETS[net][0]]
     g = torch.Generator().manual_seed(0)
-    shape = (T, *shape[1:]) if net == "sew7b_wide" else shape  # DVS frames carry t
-    x = torch.randn(batch, *shape, generator=g)
-    if net == "sew7b_wide":
+    frames = info.kind == "frames"  # event frames carry t
+    x = torch.randn(batch, *((T,) if frames else ()), info.in_channels, info.input_size, info.input_size, generator=g)
+    if frames:
         x = x.abs().round()  # event counts
-    return x.to(device), torch.randint(0, classes, (batch,), generator=g).to(device)
+    return x.to(device), torch.randint(0, info.num_classes, (batch,), generator=g).to(device)
 
 
 class Candidate:
     """One model + optimizer, eager or compiled, with a `step()` that trains on a fixed batch."""
 
     def __init__(self, net: str, name: str, compiled: bool, device: torch.device, batch: int, T: int):
-        arch, classes, _, _, options, _, _ = NETS[net]
         torch.manual_seed(0)
         mode = name.split()[-1] if name.startswith("glif2") else "off"
-        self.model = glif2.create_model(arch, classes, T, memory=mode, **options)
+        self.model = glif2.create_model(net, num_classes(net), T, memory=mode)
         self.reset = None
         if name.startswith("SJ"):
             from glif2.peers import reset, with_gated_lif_nodes
 
             self.model, self.reset = with_gated_lif_nodes(self.model), reset
         self.model.to(device)
-        self.objective = Objective(self.model)
+        self.objective = Objective(self.model, 0.0, None)  # train.py's: model + cross-entropy
         if compiled:  # SpikingJelly's loop may break the graph: no fullgraph for it
             self.objective = compile_model(self.objective, "default", fullgraph=self.reset is None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
@@ -86,7 +82,7 @@ class Candidate:
     def forward(self) -> torch.Tensor:
         if self.reset is not None:
             self.reset(self.model)
-        return self.objective(self.x, self.y)
+        return self.objective(self.x, self.y)[0]
 
     def step(self) -> None:
         self.forward().backward()
@@ -107,9 +103,10 @@ class Candidate:
 
 
 def run_net(net: str, device: torch.device, args) -> list[dict]:
-    batch = args.batch or NETS[net][5 if device.type == "cpu" else 6]
-    T = args.T or NETS[net][2]
-    counter = glif2.create_model(NETS[net][0], NETS[net][1], T, **NETS[net][4]).to(device).eval()
+    _, T, cpu_batch, cuda_batch = NETS[net]
+    batch = args.batch or (cpu_batch if device.type == "cpu" else cuda_batch)
+    T = args.T or T
+    counter = glif2.create_model(net, num_classes(net), T).to(device).eval()
     neurons = neuron_steps(counter, make_input(net, batch, device, T)[0])
     del counter
     rows, cands = [], {}
@@ -150,8 +147,8 @@ def run_net(net: str, device: torch.device, args) -> list[dict]:
 
 def fits(batch: int, mode: str, device: torch.device) -> bool:
     torch.manual_seed(0)
-    model = glif2.create_model("resnet19", 10, 6, memory=mode).to(device)
-    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    model = glif2.create_model("resnet19", num_classes("resnet19"), 6, memory=mode).to(device)
+    x, y = make_input("resnet19", batch, device, 6)
     try:
         F.cross_entropy(model(x), y).backward()
         torch.cuda.synchronize()

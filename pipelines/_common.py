@@ -164,6 +164,12 @@ def crop_flip_params(u: np.ndarray, *, pad: int) -> tuple[np.ndarray, np.ndarray
     return oy, ox, (u[:, 2] < 0.5 if u.shape[1] > 2 else None)
 
 
+def random_crop_flip(x: torch.Tensor, u: np.ndarray, *, pad: int) -> torch.Tensor:
+    """`crop_flip` of `x` (`b c h w`, on any device) at the offsets and mirrors `crop_flip_params` reads from u."""
+    oy, ox, flip = (None if a is None else torch.from_numpy(a).to(x.device) for a in crop_flip_params(u, pad=pad))
+    return crop_flip(x, oy, ox, flip, pad=pad)
+
+
 # classes
 
 

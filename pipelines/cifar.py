@@ -31,22 +31,20 @@ from pipelines._common import (
     ShardedLoader,
     TensorLoader,
     check_common,
-    crop_flip,
     crop_flip_params,
     is_train_split,
+    random_crop_flip,
     sample_uniforms,
 )
-from pipelines.datasets import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASETS
+from pipelines.datasets import DATASETS
 
 PAD = 4  # RandomCrop(32, padding=4)
 DRAWS = 3  # uniforms per training sample: row offset, column offset, mirror
 
-# name: (folder, train files, test files, label key, classes, mean, std)
-_LAYOUT: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], bytes, int, tuple, tuple]] = {
-    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels",
-                DATASETS["cifar10"].num_classes, CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": ("cifar-100-python", ("train",), ("test",), b"fine_labels", DATASETS["cifar100"].num_classes,
-                 CIFAR100_MEAN, CIFAR100_STD),
+# name: (folder, train files, test files, label key); classes, mean and std are in DATASETS
+_LAYOUT: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], bytes]] = {
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels"),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), b"fine_labels"),
 }
 
 
@@ -112,10 +110,10 @@ def load_cifar(name: str, split: str, *, data_dir: str | os.PathLike, download: 
     Returns:
         images uint8 `n h w c`, labels int64 `n`.
     """
-    _, train_files, test_files, label_key, num_classes, _, _ = _LAYOUT[name]
+    _, train_files, test_files, label_key = _LAYOUT[name]
     path = _folder(name, data_dir, download)
     files = train_files if is_train_split(split) else test_files
-    parts = [_read_batch(os.path.join(path, f), label_key, num_classes) for f in files]
+    parts = [_read_batch(os.path.join(path, f), label_key, DATASETS[name].num_classes) for f in files]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -132,8 +130,7 @@ def torch_transform(*, train: bool, mean: tuple[float, ...], std: tuple[float, .
 
     def transform(x: torch.Tensor, u: np.ndarray) -> torch.Tensor:
         if train:
-            oy, ox, flip = (torch.from_numpy(a).to(x.device) for a in crop_flip_params(u, pad=PAD))
-            x = crop_flip(x, oy, ox, flip, pad=PAD)
+            x = random_crop_flip(x, u, pad=PAD)
         return normalize(x, mean, std)
 
     return transform
@@ -270,13 +267,13 @@ def build_cifar(name: str, split: str, *, data_dir: str | os.PathLike, batch_siz
     """
     check_common(batch_size=batch_size, rank=rank, world_size=world_size)
     train = is_train_split(split)
-    *_, num_classes, mean, std = _LAYOUT[name]
+    info = DATASETS[name]
     images, labels = load_cifar(name, split, data_dir=data_dir, download=download)
-    common = {"num_classes": num_classes, "train": train, "batch_size": batch_size, "rank": rank,
+    common = {"num_classes": info.num_classes, "train": train, "batch_size": batch_size, "rank": rank,
               "world_size": world_size, "seed": seed, "device": device}
     if backend == "dali":
-        return CifarDali(images, labels, mean=mean, std=std, num_threads=num_threads, **common)
+        return CifarDali(images, labels, mean=info.mean, std=info.std, num_threads=num_threads, **common)
     x = torch.from_numpy(rearrange(images, "n h w c -> n c h w").copy())
-    return TensorLoader(x, torch.from_numpy(labels), transform=torch_transform(train=train, mean=mean, std=std),
-                        draws=DRAWS if train else 0, **common)
+    transform = torch_transform(train=train, mean=info.mean, std=info.std)
+    return TensorLoader(x, torch.from_numpy(labels), transform=transform, draws=DRAWS if train else 0, **common)
 

@@ -53,9 +53,8 @@ from pipelines._common import (
     MissingDataError,
     ShardedLoader,
     check_common,
-    crop_flip,
-    crop_flip_params,
     is_train_split,
+    random_crop_flip,
 )
 from pipelines.datasets import DATASETS
 
@@ -63,6 +62,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 SENSOR = 128
 SIZE = DATASETS["cifar10dvs"].input_size  # dsr_da resolution
 PAD = 4
+DRAWS = 2  # uniforms per training sample: the crop's row and column offsets (no mirror)
 TRAIN_FRACTION = 0.9
 REMAPS = ("h1", "h2", "h3", "h4", "none")
 CACHE_VERSION = 1  # bump when the frame rule or file format changes, so old caches are not reused
@@ -358,9 +358,7 @@ def _train_crop(x: torch.Tensor, u: np.ndarray) -> torch.Tensor:
         u: `b 2` uniforms: the row and column offsets.
     """
     t = x.shape[1]
-    oy, ox, _ = crop_flip_params(u, pad=PAD)
-    merged = rearrange(x, "b t c h w -> b (t c) h w")
-    out = crop_flip(merged, torch.from_numpy(oy).to(x.device), torch.from_numpy(ox).to(x.device), None, pad=PAD)
+    out = random_crop_flip(rearrange(x, "b t c h w -> b (t c) h w"), u, pad=PAD)
     return rearrange(out, "b (t c) h w -> b t c h w", t=t)
 
 
@@ -409,4 +407,4 @@ def build_cifar10dvs(split: str, *, data_dir: str | os.PathLike, batch_size: int
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     return MapLoader(dataset, n=len(dataset), num_classes=len(CLASSES), train=train, batch_size=batch_size,
                      rank=rank, world_size=world_size, seed=seed, device=device, num_workers=workers,
-                     post=_train_crop if train else None, draws=2)
+                     post=_train_crop if train else None, draws=DRAWS)

@@ -127,6 +127,12 @@ def rrc_factors(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt(s * a).astype(np.float32), np.sqrt(s / a).astype(np.float32)
 
 
+def rrc_draws(u: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Everything a training sample's augmentation takes from its `b DRAWS` uniforms: (fw, fh) float32 `b ATTEMPTS`
+    (`rrc_factors`), (uy, ux) float32 `b` for the window's row and column (`rrc_window`), mirror bool `b`."""
+    return (*rrc_factors(u), u[:, -3], u[:, -2], u[:, -1] < 0.5)
+
+
 def rrc_window(h: np.ndarray, w: np.ndarray, fw: np.ndarray, fh: np.ndarray, uy: np.ndarray,
                ux: np.ndarray) -> tuple[np.ndarray, ...]:
     """RandomResizedCrop.get_params in float32 from given draws; the numpy twin of `dali_rrc_window`.
@@ -270,11 +276,11 @@ class ImageFiles(torch.utils.data.Dataset):
         i, key = item if self.train else (item, None)
         img = _pil_loader(self.paths[i])
         if self.train:
-            u = sample_uniforms(key, np.array([i]), DRAWS)
+            *window, mirror = rrc_draws(sample_uniforms(key, np.array([i]), DRAWS))
             top, left, h, w = (int(a[0]) for a in rrc_window(np.float32([img.height]), np.float32([img.width]),
-                                                               *rrc_factors(u), u[:, -3], u[:, -2]))
+                                                               *window))
             img = TF.resized_crop(img, top, left, h, w, [SIZE, SIZE], InterpolationMode.BILINEAR, antialias=True)
-            if u[0, -1] < 0.5:
+            if mirror[0]:
                 img = TF.hflip(img)
         else:
             img = self.val_transform(img)
@@ -302,9 +308,8 @@ class ImageNetDali(DaliLoader):
                 raise StopIteration  # DALI prefetches past the plan; those iterations are never run
             # Pad like the reader's last batch (repeat the last sample), so both sources give full batches.
             idx = np.pad(batches[i], (0, self.batch_size - len(batches[i])), mode="edge")
-            u = sample_uniforms(key, idx, DRAWS)
-            fw, fh = rrc_factors(u)
-            return fw, fh, np.ascontiguousarray(u[:, -3:-1]), (u[:, -1] < 0.5).astype(np.int32)
+            fw, fh, uy, ux, mirror = rrc_draws(sample_uniforms(key, idx, DRAWS))
+            return fw, fh, np.stack([uy, ux], axis=1), mirror.astype(np.int32)
 
         return dali_pipeline([self.paths[i] for i in order], [self.labels[i] for i in order], train=self.train,
                              cuda=self.device.type == "cuda", batch_size=self.batch_size,
@@ -316,7 +321,7 @@ class ImageNetDali(DaliLoader):
         # few files with PIL to name it.
         for idx in batches[i:i + 3]:
             for j in idx:
-                _pil_loader(self.paths[j])  # raises ValueError naming the file
+                _pil_loader(self.paths[j])  # raises DataError naming the file
         return DataError(f"DALI failed on a batch of {os.path.dirname(os.path.dirname(self.paths[0]))!r} ({err}); "
                          f"retry with backend='torch' to find the file.")
 

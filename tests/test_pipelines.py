@@ -125,9 +125,9 @@ def test_cifar_contract(cifar_data, name, backend):
 
 
 def test_normalisation_constants():
-    assert cifar.CIFAR10_MEAN == (0.4914, 0.4822, 0.4465) and cifar.CIFAR10_STD == (0.247, 0.243, 0.261)
-    np.testing.assert_allclose(cifar.CIFAR100_MEAN, (0.507059, 0.486667, 0.440784), atol=1e-6)
-    np.testing.assert_allclose(cifar.CIFAR100_STD, (0.267451, 0.256471, 0.276078), atol=1e-6)
+    assert pipelines.CIFAR10_MEAN == (0.4914, 0.4822, 0.4465) and pipelines.CIFAR10_STD == (0.247, 0.243, 0.261)
+    np.testing.assert_allclose(pipelines.CIFAR100_MEAN, (0.507059, 0.486667, 0.440784), atol=1e-6)
+    np.testing.assert_allclose(pipelines.CIFAR100_STD, (0.267451, 0.256471, 0.276078), atol=1e-6)
     assert imagenet.IMAGENET_MEAN == (0.485, 0.456, 0.406) and imagenet.IMAGENET_STD == (0.229, 0.224, 0.225)
     from sklearn.datasets import load_digits
 
@@ -135,7 +135,7 @@ def test_normalisation_constants():
     np.testing.assert_allclose((digits.DIGITS_MEAN[0], digits.DIGITS_STD[0]), (data.mean(), data.std()), rtol=1e-12)
     info = pipelines.DATASETS
     assert (info["cifar10"].mean, info["digits"].std, info["imagenet"].mean) == (
-        cifar.CIFAR10_MEAN, digits.DIGITS_STD, imagenet.IMAGENET_MEAN)
+        pipelines.CIFAR10_MEAN, digits.DIGITS_STD, imagenet.IMAGENET_MEAN)
     assert all(len(i.mean) == len(i.std) == i.in_channels for i in info.values())
 
 
@@ -308,8 +308,9 @@ def test_auto_backend():
 # exact resume: augmentation is a function of (seed, epoch, sample)
 
 # (dataset, backend) of every training pipeline that runs here, and a mid-epoch batch to start from.
-RESUME_CASES = ([pytest.param(d, "dali", marks=dali) for d in ("cifar10", "imagenet")]
-                + [(d, "torch") for d in ("cifar10", "imagenet", "cifar10dvs", "digits")])
+IMAGE_RESUME_CASES = [pytest.param(d, b, marks=dali) if b == "dali" else (d, b)
+                      for b in ("dali", "torch") for d in ("cifar10", "imagenet")]
+RESUME_CASES = IMAGE_RESUME_CASES + [(d, "torch") for d in ("cifar10dvs", "digits")]
 
 
 @pytest.fixture
@@ -400,8 +401,8 @@ def test_sample_uniforms_are_a_pure_function_of_key_and_sample():
 
 
 def _imagenet_draws(n: int, key: int = 11):
-    u = sample_uniforms(key, np.arange(n), imagenet.DRAWS)
-    return (*imagenet.rrc_factors(u), np.ascontiguousarray(u[:, -3:-1]), u[:, -1] < 0.5)
+    fw, fh, uy, ux, mirror = imagenet.rrc_draws(sample_uniforms(key, np.arange(n), imagenet.DRAWS))
+    return fw, fh, np.stack([uy, ux], axis=1), mirror
 
 
 def test_imagenet_crop_window_distribution():
@@ -946,7 +947,7 @@ def test_imagenet_mixed_decode_on_cuda(imagenet_root):
 
 
 @cuda
-@pytest.mark.parametrize(("dataset", "backend"), [c for c in RESUME_CASES if c[0] in ("cifar10", "imagenet")])
+@pytest.mark.parametrize(("dataset", "backend"), IMAGE_RESUME_CASES)  # the GPU pipelines
 def test_resume_on_cuda(cifar_data, imagenet_root, dataset, backend):
     """On the GPU too: a mid-epoch start is the suffix of a full pass (bitwise), and the training batches follow
     the CPU pipeline's choices (the same draws; only decoding and resampling details may differ)."""
