@@ -13,14 +13,17 @@ if [ -z "${PY:-}" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/glif2/inductor}
-OUT=${OUT:-/tmp/glif2_gpu_check}
-mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/glif2_gpu_check}           # logs only: the device tool brings back a few files from here
+WORK=${WORK:-/tmp/glif2_gpu_work}          # the fabricated dataset and the runs
+PART_TIMEOUT=${PART_TIMEOUT:-240}          # seconds per part, so that one hang cannot use up a short lease
+mkdir -p "$OUT" "$WORK"
 failed=0
 part() {  # part NAME COMMAND...: runs it, tees its output to $OUT/NAME.log, counts a failure
     local name=$1; shift
     echo "=== $name: $*"
     local start=$SECONDS
-    if "$@" 2>&1 | tee "$OUT/$name.log"; then
+    if timeout "$PART_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
         echo "=== $name: ok ($((SECONDS - start)) s)"
     else
         echo "=== $name: FAILED ($((SECONDS - start)) s)"; failed=$((failed + 1))
@@ -34,7 +37,7 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch._
 part pytest-gpu $PY -m pytest -q -p no:cacheprovider -m gpu tests
 
 # A fabricated CIFAR-10 (python-pickle release, 2560 train / 512 test images).
-$PY - "$OUT/cifar" <<'PYEOF'
+$PY - "$WORK/cifar" <<'PYEOF'
 import sys, numpy as np
 sys.path.insert(0, "tests")
 from datasets_fixtures import write_cifar
@@ -43,14 +46,14 @@ write_cifar(sys.argv[1], "cifar10", rng.integers(0, 256, (2560, 32, 32, 3), dtyp
             rng.integers(0, 10, 2560), rng.integers(0, 256, (512, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 512))
 PYEOF
 if has nvidia.dali; then BACKEND=dali; else BACKEND=torch; echo "=== DALI not installed: CIFAR through the torch backend"; fi
-TRAIN=(train.py --preset cifar10-resnet19-t4 --data-dir "$OUT/cifar" --backend "$BACKEND" --compile reduce-overhead
-       --batch-size 128 --eval-batch-size 256 --log-interval 5 --out-dir "$OUT/runs" --name r19 --no-tensorboard)
+TRAIN=(train.py --preset cifar10-resnet19-t4 --data-dir "$WORK/cifar" --backend "$BACKEND" --compile reduce-overhead
+       --batch-size 128 --eval-batch-size 256 --log-interval 5 --out-dir "$WORK/runs" --name r19 --no-tensorboard)
 part train-resnet19-cudagraphs $PY "${TRAIN[@]}" --epochs 2
 part resume-resnet19 $PY "${TRAIN[@]}" --epochs 3 --resume auto
-part eval-resnet19 $PY eval.py --checkpoint "$OUT/runs/r19/last.pt" --data-dir "$OUT/cifar" --dataset cifar10
+part eval-resnet19 $PY eval.py --checkpoint "$WORK/runs/r19/last.pt" --data-dir "$WORK/cifar" --dataset cifar10
+part bench-neuron $PY bench/neuron.py --devices cuda
 part bench-memory $PY bench/memory.py --devices cuda --nets resnet19 --T 6 --batch 128 --compile eager \
     --rounds 2 --steps 5 --max-batch
-part bench-neuron $PY bench/neuron.py --devices cuda
 if has nvidia.dali; then part bench-pipelines $PY bench/loaders.py; else echo "=== DALI not installed: bench-pipelines skipped"; fi
 echo "gpu_check: $failed part(s) failed; logs in $OUT"
 exit $failed
