@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from glif2 import released
+import glif2.released as released
 from glif2.errors import CheckpointError
 from glif2.models import create_model
 from glif2.neuron import rename_deprecated
@@ -252,7 +252,7 @@ def strict_load(model: nn.Module, state_dict: dict[str, Tensor], what: str, hint
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """Rebuilds a model from a checkpoint file alone: ours (from its model_config) or a released reference file.
 
-    `overrides` replace model options (e.g. `eager=True`, `memory="off"`); ones that change shapes make the strict
+    `overrides` replace model options (e.g. `memory="off"`); ones that change shapes make the strict
     load fail. The model gets `model_config` and `checkpoint_meta` ({format, path, dataset (None when the file
     does not say), epoch, step, best_acc}).
     """
@@ -261,6 +261,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         return _load_reference(path, ckpt, **overrides).to(map_location)
     # Files written before the GLIF options were renamed say gates / gate: read them under the new names, quietly.
     saved = rename_deprecated(ckpt["model_config"], warn=False)
+    saved.pop("eager", None)  # a debugging switch that older files stored; glif2.eager_kernels() replaces it
     config = {**saved, **rename_deprecated(overrides)}
     name, num_classes, T = config.pop("name"), config.pop("num_classes"), config.pop("T")
     model = create_model(name, num_classes, T, **config)
@@ -290,7 +291,7 @@ def load_reference_checkpoint(
     arch, num_classes and T default to the released-file table when the name is one of the authors' files
     (`resCifar19-CIFAR100-step4-CW.pth.tar` -> resnet19, 100, 4), else to what the tensors say; given explicitly
     they win, and a mismatch with the file raises CheckpointError listing the missing, unexpected and wrongly
-    shaped keys and the values to pass. `options` go to create_model (e.g. `eager=True`, `memory="off"`); the
+    shaped keys and the values to pass. `options` go to create_model (e.g. `memory="off"`); the
     neuron form, BN kind (plain for the ImageNet file), head and DVS gate dtype come from the file.
     """
     return _load_reference(path, load_checkpoint(path), arch=arch, num_classes=num_classes, T=T, **options)

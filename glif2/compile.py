@@ -1,18 +1,25 @@
-"""Everything torch.compile: the GLIF kernels, whole models, and the dynamo settings they need.
+"""Everything torch.compile: the fused kernels, regional and whole-model compilation, and the settings they need.
 
-Importing glif2 changes no global torch setting. What compiled GLIF code needs is applied where glif2 compiles:
+Importing glif2 changes no global torch setting. What compiled glif2 code needs is applied where glif2 compiles:
 - the recompile limits are raised only while a glif2-compiled callable runs (a scoped `config.patch`): every
-  distinct GLIF input shape (layer, batch size, dtype) is its own static-shape specialisation of the kernels, and
-  a deep network with train and eval batch sizes easily passes dynamo's default limit of 8, after which it would
-  silently fall back to eager;
+  distinct input shape (layer, batch size, dtype) is its own static-shape specialisation, and a deep network with
+  train and eval batch sizes easily passes dynamo's default limit of 8, after which it would silently fall back to
+  eager;
 - einops ops are allowed in the graph (as single calls instead of being inlined) the first time glif2 compiles
   something: inlined, dynamo guards on the size of einops' per-tensor-type backend cache, which grows when
   tracing meets a new tensor subclass (FakeTensor, FunctionalTensor), and every growth recompiled the whole model
   once more (~30 s each for the digits net on CPU).
+
+One switch decides whether the fused kernels run compiled: `eager_kernels()`, read at call time (docs/performance.md
+§6.4). Nothing else carries it: no module, autograd Function, custom op or saved config.
+
+Regional compilation (docs/performance.md §7) compiles each region a network lists in `regions()` (its stem, each
+residual block, its head) through one shared compiled function, so blocks of the same shape share one graph.
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import einops
 import torch
@@ -20,8 +27,35 @@ import torch._dynamo.config as dynamo_config
 import torch._inductor
 from torch import nn
 
-COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")
+COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")  # inductor's modes, and no compilation
+COMPILE_SCOPES = ("regional", "model", "none")  # what is compiled: each region, the whole model, nothing
 DYNAMO_LIMITS = {"recompile_limit": 128, "accumulated_recompile_limit": 1024}
+
+
+class _Switch:
+    """The one execution switch: when `eager` is True, glif2's fused kernels run as plain PyTorch code."""
+
+    eager = False
+
+
+_SWITCH = _Switch()
+
+
+@contextmanager
+def eager_kernels(enabled: bool = True) -> Iterator[None]:
+    """Within this block glif2's fused kernels (GLIF, bit packing) run uncompiled: the same code, op by op, for
+    debugging and for tests that should not pay compilation. Restores the previous setting on exit."""
+    before = _SWITCH.eager
+    _SWITCH.eager = bool(enabled)
+    try:
+        yield
+    finally:
+        _SWITCH.eager = before
+
+
+def kernels_are_eager() -> bool:
+    """Whether the fused kernels currently run uncompiled (`eager_kernels`)."""
+    return _SWITCH.eager
 
 
 @functools.cache
@@ -47,49 +81,103 @@ def scoped(fn: Callable) -> Callable:
     return run
 
 
-def compile_kernel(fn: Callable) -> Callable[[bool], Callable]:
-    """One fused kernel per direction: fullgraph (a graph break would split the time loop), static shapes.
+def compile_kernel(fn: Callable) -> Callable:
+    """One fused kernel: fullgraph (a graph break would split the time loop), static shapes.
 
-    Returns `kernel(eager)`: the compiled kernel, or `fn` itself when `eager` or when already inside a compiled
-    graph (an outer torch.compile traces `fn` into its own graph)."""
+    Returns a callable that runs the compiled kernel, or `fn` itself inside `eager_kernels()` and when already
+    inside a compiled graph (an outer torch.compile traces `fn` into its own graph)."""
     compiled = scoped(torch.compile(fn, fullgraph=True, dynamic=False))
 
-    def kernel(eager: bool) -> Callable:
-        return fn if eager or torch.compiler.is_compiling() else compiled
+    @functools.wraps(fn)
+    def kernel(*args, **kwargs):
+        if _SWITCH.eager or torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        return compiled(*args, **kwargs)
 
     return kernel
 
 
-def compile_model(model: nn.Module, mode: str = "default", fullgraph: bool = True) -> nn.Module:
-    """Compile a whole model (or training objective), by default with fullgraph. ``mode`` is one of COMPILE_MODES.
+def _options(on_cpu: bool, mode: str) -> dict:
+    """torch.compile's keyword arguments for `mode`. On the CPU inductor's layout optimisation is off: it converts
+    every conv weight to channels-last and keeps that copy for the backward (as many bytes as the weights, on top of
+    the activations), and measured no faster here (docs/performance.md §5.5)."""
+    if on_cpu:
+        return {"options": {**torch._inductor.list_mode_options(mode), "layout_optimization": False}}
+    return {"mode": mode}
 
-    On the CPU inductor's layout optimisation is off: it converts every conv weight to channels-last and keeps that
-    copy for the backward (as many bytes as the weights, on top of the activations), and measured no faster here
-    (bench/memory.py, docs/performance.md §5.5). Returns torch.compile's wrapper (the raw module stays at
-    `._orig_mod`), whose calls run with glif2's dynamo settings."""
+
+def _on_cpu(model: nn.Module) -> bool:
+    return all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+
+
+def _check_mode(mode: str) -> None:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r}; choose one of {COMPILE_MODES}")
+
+
+def compile_model(model: nn.Module, mode: str = "default", fullgraph: bool = True) -> nn.Module:
+    """Compile a whole model (or training objective), by default with fullgraph. ``mode`` is one of COMPILE_MODES.
+    Returns torch.compile's wrapper (the raw module stays at `._orig_mod`), whose calls run with glif2's dynamo
+    settings."""
+    _check_mode(mode)
     if mode == "none":
         return model
-    on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
-    if on_cpu:
-        options = {**torch._inductor.list_mode_options(mode), "layout_optimization": False}
-        compiled = torch.compile(model, options=options, fullgraph=fullgraph, dynamic=False)
-    else:
-        compiled = torch.compile(model, mode=mode, fullgraph=fullgraph, dynamic=False)
+    compiled = torch.compile(model, fullgraph=fullgraph, dynamic=False, **_options(_on_cpu(model), mode))
     compiled.forward = scoped(compiled.forward)
     return compiled
 
 
-def compile_step(fn: Callable, mode: str = "default") -> Callable:
-    """Compile a training-step function that is not a module (e.g. `optimizer.step`). Not fullgraph: the optimizer's
-    bookkeeping around its foreach kernels may break the graph harmlessly. With reduce-overhead its kernels replay as
-    a CUDA graph; give the optimizer tensor learning rates so that the schedule does not recompile it every epoch."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode {mode!r}; choose one of {COMPILE_MODES}")
+@functools.cache
+def _region_runner(on_cpu: bool, mode: str) -> Callable:
+    # One compiled function for every region of every model: dynamo keeps its graphs on this one function, so two
+    # regions of the same class and shapes (parameters are graph inputs) hit the same graph instead of compiling
+    # their own copy.
+    def run_region(region: nn.Module, *args):
+        return type(region).forward(region, *args)
+
+    return scoped(torch.compile(run_region, fullgraph=True, dynamic=False, **_options(on_cpu, mode)))
+
+
+def regions(model: nn.Module) -> list[nn.Module]:
+    """The modules regional compilation compiles one by one: `model.regions()`, which every registered network
+    defines (its stem, each block, its head). A model without it is refused with the fix."""
+    if not callable(getattr(model, "regions", None)):
+        raise ValueError(f"{type(model).__name__} defines no regions() for regional compilation; compile the whole "
+                         "model instead (compile_model, or train.py --compile model)")
+    return list(model.regions())
+
+
+def compile_regions(model: nn.Module, mode: str = "default") -> nn.Module:
+    """Compile each region of `model` in place (its forward goes through the shared compiled function); the
+    module, its state_dict keys and its hooks are unchanged. Code between regions (pooling over time, the loss)
+    runs eagerly. Returns the model. ``mode`` is one of COMPILE_MODES ("none": nothing is compiled)."""
+    _check_mode(mode)
     if mode == "none":
-        return fn
-    return scoped(torch.compile(fn, mode=mode, fullgraph=False, dynamic=False))
+        return model
+    run = _region_runner(_on_cpu(model), mode)
+    for region in regions(model):
+        region.forward = functools.partial(run, region)
+    return model
 
 
-__all__ = ["COMPILE_MODES", "DYNAMO_LIMITS", "compile_kernel", "compile_model", "compile_step", "scoped"]
+def uncompile_regions(model: nn.Module) -> nn.Module:
+    """Undo `compile_regions`: every region runs its own forward again."""
+    for region in regions(model):
+        region.__dict__.pop("forward", None)
+    return model
+
+
+def compile_scope(model: nn.Module, scope: str, mode: str = "default") -> nn.Module:
+    """`scope` "regional" (compile_regions, in place; returns the model), "model" (compile_model; returns the
+    wrapper) or "none"."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope {scope!r}; choose one of {COMPILE_SCOPES}")
+    if scope == "regional":
+        return compile_regions(model, mode)
+    if scope == "model":
+        return compile_model(model, mode)
+    return model
+
+
+__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "DYNAMO_LIMITS", "compile_kernel", "compile_model", "compile_regions",
+           "compile_scope", "eager_kernels", "kernels_are_eager", "regions", "scoped", "uncompile_regions"]

@@ -30,7 +30,6 @@ gates need nothing from the kernels. The reset terms are not detached (as in the
 """
 
 import warnings
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -44,6 +43,8 @@ VARIANTS = ("glif", "glif_f")
 GATE_MODES = ("soft", "hard", "static_soft", "static_hard")
 PARAM_MODES = ("learned", "static")
 GATE_INIT = (0.6, 0.8, 0.6)  # the authors' default --gate
+EAGER_DEPRECATED = ("the eager= option is deprecated and has no effect: run the code under "
+                    "`with glif2.eager_kernels():` to run the fused kernels uncompiled")
 
 
 class GLIFState(NamedTuple):
@@ -166,34 +167,29 @@ def fused_backward(
     return rearrange(d_x, "t (b c) n -> t b c n", b=b), grads
 
 
-_fused_forward_kernel = compile_kernel(fused_forward)
-_fused_backward_kernel = compile_kernel(fused_backward)
-
-
-def fused_kernels(eager: bool) -> tuple[Callable, Callable]:
-    """(fused_forward, fused_backward): glif2's compiled kernels, or the plain functions when `eager` or when already
-    inside a compiled graph (compile_kernel)."""
-    return _fused_forward_kernel(eager), _fused_backward_kernel(eager)
+# glif2's compiled kernels; the plain functions inside eager_kernels() or an outer compiled graph (compile_kernel)
+fused_forward_kernel = compile_kernel(fused_forward)
+fused_backward_kernel = compile_kernel(fused_backward)
 
 
 class GLIFFunction(torch.autograd.Function):
     """Fused GLIF over all steps on x: t b c n: compiled forward, compiled hand-derived backward, only x saved."""
 
     @staticmethod
-    def forward(x: Tensor, surrogate: str, width: float, eager: bool, *coeffs: Tensor) -> Tensor:
-        return fused_kernels(eager)[0](x, GLIFCoeffs(*coeffs))
+    def forward(x: Tensor, surrogate: str, width: float, *coeffs: Tensor) -> Tensor:
+        return fused_forward_kernel(x, GLIFCoeffs(*coeffs))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, surrogate, width, eager, *coeffs = inputs
+        x, surrogate, width, *coeffs = inputs
         ctx.save_for_backward(x, *coeffs)
-        ctx.surrogate, ctx.width, ctx.eager = surrogate, width, eager
+        ctx.surrogate, ctx.width = surrogate, width
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, *coeffs = ctx.saved_tensors
-        d_x, d_coeffs = fused_kernels(ctx.eager)[1](grad_out, x, GLIFCoeffs(*coeffs), ctx.surrogate, ctx.width)
-        return d_x, None, None, None, *d_coeffs
+        d_x, d_coeffs = fused_backward_kernel(grad_out, x, GLIFCoeffs(*coeffs), ctx.surrogate, ctx.width)
+        return d_x, None, None, *d_coeffs
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -239,7 +235,8 @@ class GLIF(nn.Module):
             soft-reset amount and conductance.
         surrogate: "rect" (the reference window |u - v_th| < 0.5), "sigmoid", "atan" or "triangle".
         surrogate_width: width of the surrogate window (1.0 reproduces the reference rectangle).
-        eager: run the same forward/backward uncompiled (for debugging).
+        eager: deprecated and without effect (a DeprecationWarning says so): run code under `glif2.eager_kernels()`
+            instead, the one switch for every fused kernel, forward and backward.
 
     Parameters are stored as logits under the names alpha, beta, gamma, tau, v_th, leak, v_reset, conduct.
     Quantities that are never learned (static gates or parameters, GLIF_f's gamma) stay parameters, so checkpoints
@@ -270,7 +267,7 @@ class GLIF(nn.Module):
         conduct: float = 0.5,
         surrogate: str = "rect",
         surrogate_width: float = 1.0,
-        eager: bool = False,
+        eager: bool | None = None,
         **deprecated,
     ):
         super().__init__()
@@ -301,7 +298,9 @@ class GLIF(nn.Module):
             raise ValueError(f"surrogate_width={surrogate_width} must be positive")
 
         self.T, self.channels, self.variant, self.gate_mode, self.params = T, channels, variant, gate_mode, params
-        self.surrogate, self.surrogate_width, self.eager = surrogate, float(surrogate_width), eager
+        self.surrogate, self.surrogate_width = surrogate, float(surrogate_width)
+        if eager is not None:
+            warnings.warn(EAGER_DEPRECATED, DeprecationWarning, stacklevel=2)
         shape = () if channels is None else (channels,)
 
         def param(value: float, learned: bool, size=shape) -> nn.Parameter:
@@ -323,7 +322,6 @@ class GLIF(nn.Module):
         return (
             f"T={self.T}, channels={self.channels}, variant={self.variant!r}, gate_mode={self.gate_mode!r}, "
             f"surrogate={self.surrogate!r}" + (", params='static'" if self.params == "static" else "")
-            + (", eager=True" if self.eager else "")
         )
 
     def _gate(self, logit: Tensor) -> Tensor:
@@ -395,7 +393,7 @@ class GLIF(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         flat = rearrange(x, self.flat_pattern())
-        args = (flat, self.surrogate, self.surrogate_width, self.eager, *self.coefficients())
+        args = (flat, self.surrogate, self.surrogate_width, *self.coefficients())
         # Without grad nothing is saved for backward, so the forward runs directly. This also sidesteps a dynamo bug
         # (torch 2.14: under no_grad it passes a ctx to a setup_context-style forward, shifting every argument);
         # tests/test_compile.py::test_no_grad_workaround_still_needed fails once the installed torch is fixed.

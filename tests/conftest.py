@@ -7,10 +7,10 @@ global state behind.
   test, and `needs("module")` marks a test or a parametrized case. Outside CI a missing module skips; in CI
   (CI=true, set by .ci/run) it fails, so a broken install cannot turn checks into silent skips.
 - Helpers several test files share: `free_ports` for process groups, `assert_same_training_state` for two
-  checkpoints of training runs.
+  checkpoints of training runs, the `uncompiled` fixture (glif2's fused kernels run eagerly in that test).
 - Every test starts from the same seeds (torch, numpy, random) and must leave the process as it found it:
-  deterministic mode, threads, cuDNN flags, default dtype, grad mode, the model registry, dynamo's config, signal
-  handlers, process groups and the environment (see `global_state`).
+  deterministic mode, threads, cuDNN flags, default dtype, grad mode, the model registry, the eager-kernels switch,
+  dynamo's config, signal handlers, process groups and the environment (see `global_state`).
 """
 
 import importlib
@@ -26,6 +26,7 @@ import torch._dynamo.config as dynamo_config
 import torch._inductor.config as inductor_config
 from hypothesis import HealthCheck, settings
 
+from glif2.compile import eager_kernels, kernels_are_eager
 from glif2.models import list_models
 
 CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -85,6 +86,14 @@ def pytest_collection_modifyitems(config, items):
 # shared helpers
 
 
+@pytest.fixture
+def uncompiled():
+    """The test runs with glif2's fused kernels uncompiled (glif2.eager_kernels): for tests about something other
+    than the kernels, which would otherwise pay their compilation."""
+    with eager_kernels():
+        yield
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on the loopback (all bound at once, so that no two are the same)."""
     sockets = [socket.socket() for _ in range(n)]
@@ -128,6 +137,7 @@ def global_state() -> dict:
         "grad mode": torch.is_grad_enabled(),
         "autocast": torch.is_autocast_enabled("cpu"),
         "registered models": tuple(list_models()),
+        "eager kernels": kernels_are_eager(),
         "dynamo config": dynamo_config.get_config_copy(),
         "inductor config": {k: v for k, v in inductor_config.get_config_copy().items() if not callable(v)},
         "signal handlers": (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)),

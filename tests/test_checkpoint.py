@@ -15,6 +15,8 @@ from glif2 import convert
 from glif2.checkpoint import CheckpointError, clean_state_dict, rng_state, set_rng_state
 from glif2.released import REFERENCE_KEYS
 
+pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
+
 # (file name, arch, classes, T, layout options, spec key count at T=6 where §6/A gives one)
 RELEASED = [
     ("resCifar18stand-CIFAR10-step6-CW.pth.tar", "resnet18", 10, 6, {}, 308),
@@ -71,7 +73,7 @@ def test_released_layouts_load_strictly(ref_dir, name, arch, K, T, opts, keys):
         assert len(layout(arch, K, 6 if arch != "sew7b_wide" else 16, **opts)) == keys
     prefix = "module." if arch == "resnet18ms" else ""  # saved from DDP (docs/networks.md §7.2)
     sd = write_reference(ref_dir / name, arch, K, T, opts, prefix=prefix)
-    model = glif2.load_reference_checkpoint(ref_dir / name, eager=True)
+    model = glif2.load_reference_checkpoint(ref_dir / name)
     assert (model.model_config["name"], model.model_config["num_classes"], model.model_config["T"]) == (arch, K, T)
     assert_loaded(model, sd)
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -181,7 +183,7 @@ def test_convert_writes_our_format(tmp_path):
 
 def _trained_small(T=2):
     torch.manual_seed(0)
-    model = glif2.create_model("glifnet_small", 10, T, eager=True, gate_mode="hard")
+    model = glif2.create_model("glifnet_small", 10, T, gate_mode="hard")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -208,7 +210,7 @@ def test_round_trip_identical_logits(tmp_path):
 
 
 def test_round_trip_dvs_float64_gates(tmp_path):
-    model = glif2.create_model("sew7b_wide", 10, 2, input_size=16, eager=True)
+    model = glif2.create_model("sew7b_wide", 10, 2, input_size=16)
     path = glif2.save_checkpoint(tmp_path / "dvs.pt", model=model)
     loaded = glif2.load_model(path)
     assert loaded.conv[0][1].alpha.dtype == torch.float64
@@ -218,7 +220,7 @@ def test_round_trip_dvs_float64_gates(tmp_path):
 
 
 def test_wrapped_model_saves_clean_keys(tmp_path):
-    model = glif2.create_model("glifnet_small", 10, 2, eager=True)
+    model = glif2.create_model("glifnet_small", 10, 2)
     compiled = torch.compile(model)  # wraps as `_orig_mod`; nothing is compiled until it is called
     path = glif2.save_checkpoint(tmp_path / "c.pt", model=compiled)
     ckpt = glif2.load_checkpoint(path)
@@ -243,9 +245,9 @@ def test_crash_between_write_and_rename_keeps_old_file(tmp_path, monkeypatch):
 
 
 def test_load_model_overrides_and_shape_errors(tmp_path):
-    model = glif2.create_model("glifnet_small", 10, 2, eager=True)
+    model = glif2.create_model("glifnet_small", 10, 2)
     path = glif2.save_checkpoint(tmp_path / "m.pt", model=model)
-    assert glif2.load_model(path, eager=False).model_config["eager"] is False
+    assert glif2.load_model(path, memory="off").model_config["memory"] == "off"
     with pytest.raises(CheckpointError, match="conduct: file"):
         glif2.load_model(path, T=3)
 

@@ -1,8 +1,9 @@
-"""The fused kernels: zero graph breaks, compiled == eager, one loop nest per direction, GLIF(eager=False) really
-running them, composition with an outer torch.compile of a whole network (every neuron form, with and without grad),
-and the dynamo bug GLIF.forward works around."""
+"""The fused kernels: zero graph breaks, compiled == eager, one loop nest per direction, GLIF really running them
+(and nothing compiled inside `eager_kernels()`), composition with an outer torch.compile of a whole network (every
+neuron form, with and without grad), and the dynamo bug GLIF.forward works around."""
 
 import re
+import warnings
 
 import torch
 from einops import rearrange
@@ -10,17 +11,19 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
+import glif2
 from glif2 import GLIF, TimeMerged, tdBatchNorm
+from glif2.compile import eager_kernels, kernels_are_eager
 from glif2.neuron import GLIFCoeffs, GLIFFunction, fused_backward, fused_forward
 
 
-def small_net(eager: bool) -> nn.Module:
+def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
         TimeMerged(nn.Conv2d(3, 8, 3, padding=1, bias=False), tdBatchNorm(8)),
-        GLIF(3, 8, eager=eager),
+        GLIF(3, 8),
         TimeMerged(nn.Conv2d(8, 8, 3, padding=1, bias=False), tdBatchNorm(8, alpha=0.7)),
-        GLIF(3, 8, eager=eager),
+        GLIF(3, 8),
     )
 
 
@@ -67,27 +70,31 @@ def test_one_loop_nest_forward_and_backward():
 
 def test_compiled_equals_eager():
     torch.manual_seed(0)
-    a, b = GLIF(4, 5), GLIF(4, 5, eager=True)
+    a, b = GLIF(4, 5), GLIF(4, 5)
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 3, 5, 6, 6) * 0.6 + 0.3
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn_like(x)
     (a(xa) * g).sum().backward()
-    (b(xb) * g).sum().backward()
-    assert torch.equal(a(x), b(x))
+    with eager_kernels():
+        (b(xb) * g).sum().backward()
+        eager_out = b(x)
+    assert torch.equal(a(x), eager_out)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_outer_compile_of_a_network_matches_eager():
-    eager_net, net = small_net(eager=True), small_net(eager=False)
+    eager_net, net = small_net(), small_net()
     compiled = torch.compile(net, fullgraph=True, dynamic=False)
     x = torch.randn(3, 2, 3, 8, 8)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_eager, out = eager_net(xa), compiled(xb)
+    with eager_kernels():
+        out_eager = eager_net(xa)
+        out_eager.sum().backward()
+    out = compiled(xb)
     assert torch.equal(out, out_eager)
-    out_eager.sum().backward()
     out.sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
     for (name, pa), pb in zip(eager_net.named_parameters(), net.parameters(), strict=True):
@@ -96,7 +103,7 @@ def test_outer_compile_of_a_network_matches_eager():
 
 def test_compiled_module_runs_the_inductor_kernels():
     # A shape no other test uses, so that this process compiles it here: one graph per direction, built by inductor.
-    # A switch that ran eager=False eagerly (or compiled with another backend) compiles nothing and fails here.
+    # A switch that ran the kernels eagerly (or compiled with another backend) compiles nothing and fails here.
     m = GLIF(3, 7)
     x = torch.randn(3, 5, 7, 11, requires_grad=True)
     counters.clear()
@@ -107,12 +114,29 @@ def test_compiled_module_runs_the_inductor_kernels():
     assert counters["stats"]["unique_graphs"] == 1 and sum(counters["inductor"].values()) > 0, dict(counters)
     assert not counters["graph_break"]
     counters.clear()
-    GLIF(3, 7, eager=True)(torch.randn(3, 5, 7, 13, requires_grad=True)).sum().backward()
-    assert not counters["stats"] and not counters["inductor"]  # eager=True compiles nothing
+    with eager_kernels():
+        GLIF(3, 7)(torch.randn(3, 5, 7, 13, requires_grad=True)).sum().backward()
+    assert not counters["stats"] and not counters["inductor"]  # eager_kernels() compiles nothing
+
+
+def test_eager_switch_is_scoped_and_the_old_keyword_still_works():
+    assert not kernels_are_eager()
+    with eager_kernels():
+        assert kernels_are_eager()
+        with eager_kernels(False):
+            assert not kernels_are_eager()
+        assert kernels_are_eager()
+    assert not kernels_are_eager()
+    for make in (lambda: GLIF(3, 7, eager=True), lambda: glif2.create_model("glifnet_small", 10, 2, eager=True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = make()  # the old per-module keyword: accepted, said to have no effect, not stored
+        assert any(issubclass(w.category, DeprecationWarning) and "no effect" in str(w.message) for w in caught)
+        assert "eager" not in getattr(model, "model_config", {}) and not kernels_are_eager()
 
 
 def glif_args(m: GLIF, x: torch.Tensor) -> tuple:
-    return (rearrange(x, m.flat_pattern()), m.surrogate, m.surrogate_width, True, *m.coefficients())
+    return (rearrange(x, m.flat_pattern()), m.surrogate, m.surrogate_width, *m.coefficients())
 
 
 def test_no_grad_workaround_still_needed():
@@ -120,9 +144,9 @@ def test_no_grad_workaround_still_needed():
     a setup_context-style forward traced under no_grad, shifting every argument by one. This test fails once the
     installed torch traces `GLIFFunction.apply` under no_grad correctly: then drop the workaround in GLIF.forward
     (and this test)."""
-    m = GLIF(2, 3, eager=True)
+    m = GLIF(2, 3)
     x = torch.randn(2, 4, 3, 5)
-    with torch.no_grad():
+    with torch.no_grad(), eager_kernels():
         expected = GLIFFunction.apply(*glif_args(m, x))
         try:
             got = torch.compile(lambda v: GLIFFunction.apply(*glif_args(m, v)), fullgraph=True, backend="eager")(x)
@@ -152,16 +176,16 @@ def test_every_neuron_form_compiles_into_one_graph_and_matches_eager():
     explain = torch._dynamo.explain(net)(x)
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     eager_net = neuron_zoo()
-    for m in eager_net.modules():
-        if isinstance(m, GLIF):
-            m.eager = True
     compiled = torch.compile(net, fullgraph=True, dynamic=False)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, out_eager = compiled(xb), eager_net(xa)
+    out = compiled(xb)
+    with eager_kernels():
+        out_eager = eager_net(xa)
     assert torch.equal(out, out_eager) and 0.02 < out.mean() < 0.9
     g = torch.randn_like(out)
     (out * g).sum().backward()
-    (out_eager * g).sum().backward()
+    with eager_kernels():
+        (out_eager * g).sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
     for (name, pa), pb in zip(eager_net.named_parameters(), net.parameters(), strict=True):
         if pa.requires_grad:
@@ -170,5 +194,7 @@ def test_every_neuron_form_compiles_into_one_graph_and_matches_eager():
             assert pb.grad is None, name
     # without grad (as in evaluation): GLIF.forward's no-grad path inside the compiled graph
     with torch.no_grad():
-        out, out_eager = compiled(x), eager_net(x)
+        out = compiled(x)
+        with eager_kernels():
+            out_eager = eager_net(x)
     assert torch.equal(out, out_eager) and 0.02 < out.mean() < 0.9

@@ -14,6 +14,8 @@ import pipelines
 from glif2.analysis import glif_layers
 from glif2.train import cli, evaluation
 
+pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,7 +26,7 @@ def tiny_checkpoints(tmp_path_factory):
     paths = []
     x, _ = next(iter(pipelines.build_loader("digits", "train", data_dir=None, batch_size=256)))
     for i, T in enumerate((2, 3)):
-        model = glif2.create_model("glifnet_small", 10, T, eager=True)  # eager: no kernel compilation in tests
+        model = glif2.create_model("glifnet_small", 10, T)
         with torch.no_grad():  # BN statistics of real digits, so that every layer fires in evaluation
             for m in model.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
@@ -45,7 +47,7 @@ def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
     assert (row["arch"], row["T"], row["num_classes"], row["num_samples"]) == ("glifnet_small", 2, 10, 360)
     assert 0 <= row["top1"] <= row["top5"] <= 100 and row["loss"] > 0 and row["images_per_s"] > 0
     # every number again by hand: the checkpoint's model in eval mode over the whole digits test split
-    model = glif2.load_model(paths[0], eager=True).eval()
+    model = glif2.load_model(paths[0]).eval()
     spikes = {name: [] for name, _ in glif_layers(model)}
     handles = [m.register_forward_hook(lambda m, i, o, n=name: spikes[n].append(o.detach()))
                for name, m in glif_layers(model)]

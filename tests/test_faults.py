@@ -26,6 +26,8 @@ from glif2.errors import CheckpointError, ConfigError
 from glif2.train import cli, loop
 from glif2.train.config import TrainConfig
 
+pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--compile", "none", "--T", "2", "--no-tensorboard", "--threads", "1"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -105,7 +107,7 @@ def good_files(tmp_path_factory):
     """A released-format file in both torch.save formats, and one with a pickled object, as bytes."""
     folder = tmp_path_factory.mktemp("good")
     torch.manual_seed(0)
-    model = glif2.create_model("glifnet_small", 10, 2, eager=True)
+    model = glif2.create_model("glifnet_small", 10, 2)
     payload = {"state_dict": model.state_dict(), "epoch": 3}
     coded = {**payload, "args": Opaque()}
     files = {}
@@ -156,7 +158,7 @@ def test_damaged_files_raise_checkpoint_error(tmp_path, good_files, kind, loader
 
 def test_our_checkpoint_with_a_damaged_tensor_is_refused(tmp_path):
     """A bit flip in last.pt (a disk fault) would have resumed training from wrong weights, silently."""
-    path = save_checkpoint(tmp_path / "last.pt", model=glif2.create_model("glifnet_small", 10, 2, eager=True),
+    path = save_checkpoint(tmp_path / "last.pt", model=glif2.create_model("glifnet_small", 10, 2),
                            config={"dataset": "digits"}, epoch=1, step=22)
     data = path.read_bytes()
     path.write_bytes(_flip(data, _largest_tensor(data)))
@@ -452,6 +454,7 @@ time.sleep(600)
 _WORKER = """
 import os, sys, time
 from glif2.train import distributed as dist
+
 dist.die_with_launcher()
 open(sys.argv[1], "w").write(str(os.getpid()))
 time.sleep(600)

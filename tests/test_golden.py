@@ -7,7 +7,7 @@ logits (`float.hex`, exact) and the spike count of every neuron layer (per step,
 authors' model gives in eval mode on a fixed input, with weights that `fill` below regenerates. The test writes
 those weights in the authors' container under the released name, loads them with
 `glif2.load_reference_checkpoint(path)` alone, and demands the same logits bit for bit and the same counts, with
-the compiled GLIF kernels and with `eager=True`.
+the compiled GLIF kernels and under `eager_kernels()`.
 
 How the numbers were produced (once, outside this repository; none of the authors' code is in it):
 - Code: CAS-CLab/Gated-LIF as stored in the public index: `layers.py` and `cifar10dvs/layers.py` at 5cda262
@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 import glif2
+from glif2.compile import eager_kernels
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.json"))
@@ -221,11 +222,12 @@ def test_golden_files_describe_what_the_test_regenerates():
 @pytest.mark.parametrize("stem", CASES)
 def test_released_format_reproduces_golden_outputs(reference_file, stem, eager):
     golden = load_golden(stem)
-    model = glif2.load_reference_checkpoint(reference_file(stem), eager=eager)
+    model = glif2.load_reference_checkpoint(reference_file(stem))
     config = model.model_config
     want = golden["glif2"]
     assert (config["name"], config["num_classes"], config["T"]) == (want["arch"], want["num_classes"], want["T"])
-    problems = mismatch(golden, *run(model, golden))
+    with eager_kernels(eager):
+        problems = mismatch(golden, *run(model, golden))
     assert not problems, f"{golden['file']} ({'eager' if eager else 'compiled'}): {problems}"
 
 
@@ -270,15 +272,15 @@ FAULTS = {
 
 @pytest.fixture(scope="module")
 def sentinel_model(reference_file):
-    return glif2.load_reference_checkpoint(reference_file(SENTINEL), eager=True)
+    return glif2.load_reference_checkpoint(reference_file(SENTINEL))
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_golden_catches_planted_faults(reference_file, sentinel_model, fault):
+def test_golden_catches_planted_faults(reference_file, sentinel_model, fault, uncompiled):
     golden = load_golden(SENTINEL)
     plant, options = FAULTS[fault]
     if options:
-        model = glif2.load_reference_checkpoint(reference_file(SENTINEL), eager=True, **options)
+        model = glif2.load_reference_checkpoint(reference_file(SENTINEL), **options)
     else:
         model = copy.deepcopy(sentinel_model)
     if plant is not None:
@@ -286,8 +288,8 @@ def test_golden_catches_planted_faults(reference_file, sentinel_model, fault):
     assert mismatch(golden, *run(model, golden)), f"{fault} left the golden outputs unchanged"
 
 
-def test_backward_only_options_keep_the_golden_outputs(reference_file):
+def test_backward_only_options_keep_the_golden_outputs(reference_file, uncompiled):
     # Detached (static) soft gates change gradients only: the forward, and so the goldens, must not move.
     golden = load_golden(SENTINEL)
-    model = glif2.load_reference_checkpoint(reference_file(SENTINEL), eager=True, gate_mode="static_soft")
+    model = glif2.load_reference_checkpoint(reference_file(SENTINEL), gate_mode="static_soft")
     assert not mismatch(golden, *run(model, golden))

@@ -14,6 +14,8 @@ from glif2.layers import tdBatchNorm
 from glif2.models.resnet import SQRT1_2
 from glif2.released import REFERENCE_KEYS
 
+pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
+
 # name -> (classes, small input `b ...` for a CPU smoke run, extra options)
 SMOKE = {
     "resnet18": (10, (2, 3, 16, 16), {}),
@@ -54,7 +56,7 @@ def test_forward_backward(name):
     K, shape, opts = SMOKE[name]
     T = 2
     torch.manual_seed(0)
-    model = glif2.create_model(name, K, T, eager=True, **opts)
+    model = glif2.create_model(name, K, T, **opts)
     x = torch.randn(shape) if name != "sew7b_wide" else torch.rand(shape).round()  # DVS: b t 2 h w event counts
     logits = model(x)
     assert logits.shape == (shape[0], K)
@@ -131,7 +133,7 @@ def test_dvs_neuron_init():
 
 @pytest.mark.parametrize("connect", ["ADD", "AND", "IAND"])
 def test_sew_connect_functions(connect):
-    model = glif2.create_model("sew7b_wide", 10, 2, input_size=16, connect=connect, eager=True).eval()
+    model = glif2.create_model("sew7b_wide", 10, 2, input_size=16, connect=connect).eval()
     x = torch.rand(1, 2, 2, 16, 16).round()
     assert torch.isfinite(model(x)).all()
     blk = model.conv[1]
@@ -143,7 +145,7 @@ def test_sew_connect_functions(connect):
 
 def test_small_inputs_and_in_channels():
     for name, opts in [("resnet18", {}), ("resnet19", {}), ("cifarnet", {"input_size": 8}), ("glifnet_small", {})]:
-        model = glif2.create_model(name, 10, 2, in_channels=1, eager=True, **opts).eval()
+        model = glif2.create_model(name, 10, 2, in_channels=1, **opts).eval()
         assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
 
 
@@ -163,7 +165,7 @@ def test_per_step_logits_and_their_mean():
     # The head by hand, per step, from the last block's output: pool over space, then the head's matrices.
     torch.manual_seed(0)
     # batch statistics (fresh BN fires in training); memory off: the hooks below need the modules' own forward
-    model = glif2.create_model("resnet19", 10, 3, eager=True, memory="off").double()
+    model = glif2.create_model("resnet19", 10, 3, memory="off").double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     feats = captured(model.features[-1], lambda: model(x))  # t b c h w
     w1, w2 = model.lastave[0].weight, model.lastave[1].weight
@@ -173,7 +175,7 @@ def test_per_step_logits_and_their_mean():
     torch.testing.assert_close(model(x), (by_hand[0] + by_hand[1] + by_hand[2]) / 3, rtol=1e-12, atol=1e-12)
 
     # The DVS net applies its linear head to the mean over t of the flattened features (as the reference).
-    dvs = glif2.create_model("sew7b_wide", 10, 2, input_size=16, eager=True).double().eval()
+    dvs = glif2.create_model("sew7b_wide", 10, 2, input_size=16).double().eval()
     frames = torch.rand(2, 2, 2, 16, 16, dtype=torch.float64).round()
     f = captured(dvs.conv, lambda: dvs(frames)).flatten(2)  # t b (c h w)
     w, bias = dvs.out.weight, dvs.out.bias
@@ -186,7 +188,7 @@ def test_firing_rates_count_every_spike():
     # Per layer: the spikes it emits over the neurons and steps it has, counted by hand from its own output.
     torch.manual_seed(0)
     # batch statistics (fresh BN fires in training); memory off: the hooks need the modules' own forward
-    model = glif2.create_model("glifnet_small", 10, 3, eager=True, memory="off")
+    model = glif2.create_model("glifnet_small", 10, 3, memory="off")
     x = torch.randn(5, 1, 8, 8)
     layers = dict(glif_layers(model))
     spikes = {sign: {name: captured(layer, lambda s=sign: model(s * x)) for name, layer in layers.items()}
@@ -210,19 +212,18 @@ def test_firing_rates_count_every_spike():
 
 
 def test_input_contract_errors():
-    model = glif2.create_model("glifnet_small", 10, 2, eager=True)
+    model = glif2.create_model("glifnet_small", 10, 2)
     with pytest.raises(ValueError, match="b c h w"):
         model(torch.randn(2, 2, 1, 8, 8))
-    dvs = glif2.create_model("sew7b_wide", 10, 4, input_size=16, eager=True)
+    dvs = glif2.create_model("sew7b_wide", 10, 4, input_size=16)
     with pytest.raises(ValueError, match="t=4"):
         dvs(torch.rand(1, 2, 2, 16, 16))
 
 
 def test_model_config_is_plain():
-    model = glif2.create_model("resnet19", 10, 2, gate_init=(0.5, 0.5, 0.5), channel_wise=False, eager=True)
+    model = glif2.create_model("resnet19", 10, 2, gate_init=(0.5, 0.5, 0.5), channel_wise=False)
     assert model.model_config == {"name": "resnet19", "num_classes": 10, "T": 2, "gate_init": [0.5, 0.5, 0.5],
-                                  "memory": "lean",
-                                  "channel_wise": False, "eager": True}
+                                  "memory": "lean", "channel_wise": False}
     with pytest.raises(ValueError, match="plain"):
         glif2.create_model("resnet19", 10, 2, surrogate=object())
 

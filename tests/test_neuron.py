@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from reference import naive_glif
 
 from glif2 import GLIF, GLIFState, glif_step, randomize_gates
+from glif2.compile import eager_kernels
 from glif2.neuron import GATE_MODES
 
 T = 4
@@ -89,35 +90,38 @@ def neuron_and_input(draw, min_t: int = 1):
     scale, offset = draw(st.floats(0.1, 3.0)), draw(st.floats(-1.0, 1.5))
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
-    m = GLIF(t, channels, variant=variant, gate_mode=gates, params=params, eager=eager)
+    m = GLIF(t, channels, variant=variant, gate_mode=gates, params=params)
     m = perturbed(m, seed, spread)
     x = torch.randn((t, b, c, *trailing), generator=g) * scale + offset
-    return m, x
+    return m, x, eager
 
 
 @given(neuron_and_input())
 def test_spikes_are_binary_with_input_shape_and_dtype(case):
-    m, x = case
-    s = m(x)
+    m, x, eager = case
+    with eager_kernels(eager):
+        s = m(x)
     assert s.shape == x.shape and s.dtype == x.dtype
     assert set(s.unique().tolist()) <= {0.0, 1.0}
 
 
 @given(neuron_and_input(min_t=2), st.data())
 def test_causality(case, data):
-    m, x = case
+    m, x, eager = case
     t = data.draw(st.integers(0, x.shape[0] - 2))  # at least one later step is changed
     y = x.clone()
     y[t + 1 :] = torch.randn_like(y[t + 1 :]) * 3 + 1
-    assert torch.equal(m(x)[: t + 1], m(y)[: t + 1])
+    with eager_kernels(eager):
+        assert torch.equal(m(x)[: t + 1], m(y)[: t + 1])
 
 
 @given(neuron_and_input())
 def test_forward_matches_float64_reference(case):
-    m, x = case
+    m, x, eager = case
     m, x = m.double(), x.double()
     expected, _ = run_reference(m, x)
-    assert torch.equal(m(x), expected)
+    with eager_kernels(eager):
+        assert torch.equal(m(x), expected)
 
 
 def test_no_state_between_calls():
@@ -145,8 +149,8 @@ REDUCTIONS = {
 
 @pytest.mark.parametrize("gates", sorted(REDUCTIONS))
 @pytest.mark.parametrize("mode", ["static_hard", "hard", "soft"])
-def test_gate_extremes_reduce_to_lif_variants(gates, mode):
-    m = perturbed(GLIF(6, 4, gate_mode=mode, eager=True), seed=3).double()
+def test_gate_extremes_reduce_to_lif_variants(gates, mode, uncompiled):
+    m = perturbed(GLIF(6, 4, gate_mode=mode), seed=3).double()
     with torch.no_grad():  # hard modes binarise +-3; soft mode needs +-40 to be exactly 0/1 in float64
         for name, on in zip(("alpha", "beta", "gamma"), gates, strict=True):
             getattr(m, name).fill_((1 if on else -1) * (3.0 if "hard" in mode else 40.0))
@@ -165,7 +169,7 @@ def test_gate_extremes_reduce_to_lif_variants(gates, mode):
 
 @pytest.mark.parametrize("gate", ["alpha", "beta", "gamma"])
 def test_one_step_is_affine_in_each_gate(gate):
-    m = perturbed(GLIF(T, 5, eager=True), seed=7).double()
+    m = perturbed(GLIF(T, 5), seed=7).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
     u_prev = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
@@ -185,9 +189,9 @@ def test_one_step_is_affine_in_each_gate(gate):
     assert not torch.allclose(on, off)
 
 
-def test_glif_f_after_a_spike():
+def test_glif_f_after_a_spike(uncompiled):
     # GLIF_f: after a spike u_t = -leak + c_t x_t - v_reset (docs/neuron.md §2.2), whatever u_{t-1} was.
-    m = perturbed(GLIF(3, 2, variant="glif_f", eager=True), seed=5).double()
+    m = perturbed(GLIF(3, 2, variant="glif_f"), seed=5).double()
     assert not hasattr(m, "alpha") and not hasattr(m, "beta") and m.gamma.shape == (2,)
     x = torch.tensor([5.0, 0.3, 0.2], dtype=torch.float64)[:, None, None].expand(3, 1, 2).contiguous()
     u = membranes(m, x)
@@ -275,15 +279,16 @@ def test_randomize_gates():
 @pytest.mark.parametrize("channels", [None, 4])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
 def test_backward_matches_autograd_of_float64_reference(variant, gates, channels, eager):
-    m = perturbed(GLIF(5, channels, variant=variant, gate_mode=gates, eager=eager), seed=11).double()
+    m = perturbed(GLIF(5, channels, variant=variant, gate_mode=gates), seed=11).double()
     ref = perturbed(GLIF(5, channels, variant=variant, gate_mode=gates), seed=11).double()
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(5, 3, 4, 3, 3, generator=g, dtype=torch.float64) * 0.6 + 0.3).requires_grad_()
     xr = x.detach().clone().requires_grad_()
     weight = torch.randn(5, 3, 4, 3, 3, generator=g, dtype=torch.float64)  # a dense, uneven upstream gradient
 
-    out = m(x)
-    (out * weight).sum().backward()
+    with eager_kernels(eager):
+        out = m(x)
+        (out * weight).sum().backward()
     out_ref, _ = run_reference(ref, xr)
     (out_ref * weight).sum().backward()
 
@@ -303,15 +308,16 @@ def test_backward_matches_autograd_of_float64_reference(variant, gates, channels
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
 def test_reduced_precision_matches_the_float64_reference(dtype, eager):
     # bf16/fp16 inputs: the membrane runs in float32, spikes and dL/dx come back in the input's dtype.
-    m = perturbed(GLIF(T, 4, eager=eager), seed=1)
+    m = perturbed(GLIF(T, 4), seed=1)
     ref = perturbed(GLIF(T, 4), seed=1).double()
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(T, 2, 4, 5, 5, generator=g) * 0.6 + 0.3).to(dtype).requires_grad_()
     xr = x.detach().double().requires_grad_()  # the same rounded inputs, in float64
     upstream = torch.randn(x.shape, generator=g).to(dtype)  # what reaches the spikes is in their dtype anyway
 
-    s = m(x)
-    (s * upstream).sum().backward()
+    with eager_kernels(eager):
+        s = m(x)
+        (s * upstream).sum().backward()
     expected, _ = run_reference(ref, xr)
     (expected * upstream.double()).sum().backward()
 
@@ -357,8 +363,9 @@ def test_float64_gates_give_a_float64_membrane():
     xr = x.detach().double().requires_grad_()
     upstream = torch.randn(x.shape)
 
-    s = m(x)
-    (s * upstream).sum().backward()
+    with eager_kernels(eager):
+        s = m(x)
+        (s * upstream).sum().backward()
     expected, _ = run_reference(ref, xr)  # float64 membrane (float32 sigmoids of the float32 logits, as glif2)
     (expected * upstream.double()).sum().backward()
     in_float32, _ = run_reference(copy.deepcopy(m).float(), x.detach())
@@ -378,12 +385,13 @@ def test_rect_window_edges_through_the_fused_backward():
     # u_0 = c x - leak with c = leak = v_th = 0.5 exactly: x = 1, 3 put u_0 - v_th at -0.5, +0.5 (no gradient),
     # x = 1.02, 2.98 just inside (gradient c), x = 2 exactly on the threshold (no spike: strict).
     for eager in (True, False):
-        m = GLIF(1, 1, variant="glif_f", eager=eager)
+        m = GLIF(1, 1, variant="glif_f")
         with torch.no_grad():
             m.conduct.zero_(), m.leak.zero_(), m.v_th.zero_()
         x = torch.tensor([1.0, 1.02, 2.0, 2.98, 3.0, 0.5, 3.5]).reshape(1, 7, 1).requires_grad_()
-        s = m(x)
-        s.sum().backward()
+        with eager_kernels(eager):
+            s = m(x)
+            s.sum().backward()
         assert s.flatten().tolist() == [0, 0, 0, 1, 1, 0, 1]
         assert x.grad.flatten().tolist() == [0, 0.5, 0.5, 0.5, 0, 0, 0]
 

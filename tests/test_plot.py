@@ -1,5 +1,6 @@
 """glif2.plot: the parameter figure is written for our checkpoints and reference-format files."""
 
+import pytest
 import torch
 from conftest import needs
 from spec_layouts import layout, random_state_dict
@@ -7,11 +8,11 @@ from spec_layouts import layout, random_state_dict
 import glif2
 from glif2 import plot
 
-pytestmark = needs("matplotlib")
+pytestmark = [needs("matplotlib"), pytest.mark.usefixtures("uncompiled")]
 
 
 def test_plot_writes_png(tmp_path):
-    model = glif2.create_model("glifnet_small", 10, 2, eager=True)
+    model = glif2.create_model("glifnet_small", 10, 2)
     glif2.randomize_gates(model)
     ckpt = glif2.save_checkpoint(tmp_path / "m.pt", model=model)
     out = plot.main([str(ckpt), "--out", str(tmp_path / "fig" / "params.png")])

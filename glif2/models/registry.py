@@ -10,13 +10,14 @@ alone (glif2.checkpoint).
 """
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from glif2.memory import MEMORY_MODES, set_memory
-from glif2.neuron import rename_deprecated
+from glif2.memory.lean import MEMORY_MODES, LeanModule, set_memory
+from glif2.neuron import EAGER_DEPRECATED, rename_deprecated
 
 INPUT_KINDS = ("image", "frames")
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -81,7 +82,7 @@ def create_model(name: str, num_classes: int, T: int, *, memory: str | None = No
             every model that has a lean path), "recompute" or "off". Results are the same in every mode.
         **options: model options (e.g. `bn="plain"`, `in_channels=1`) and GLIF options passed through to every
             neuron (`channel_wise`, `variant`, `gate_mode`, `gate_init`, `params`, `tau`, `v_th`, `leak`, `v_reset`,
-            `conduct`, `surrogate`, `surrogate_width`, `eager`).
+            `conduct`, `surrogate`, `surrogate_width`).
 
     Returns:
         The model, in training mode, on the CPU.
@@ -95,9 +96,11 @@ def create_model(name: str, num_classes: int, T: int, *, memory: str | None = No
     if memory is not None and memory not in MEMORY_MODES:
         raise ValueError(f"memory={memory!r}; choose one of {MEMORY_MODES}")
     options = rename_deprecated(options)
+    if options.pop("eager", None) is not None:
+        warnings.warn(EAGER_DEPRECATED, DeprecationWarning, stacklevel=2)
     config = {"name": name, "num_classes": num_classes, "T": T, **_plain(options)}
     model = _MODELS[name](num_classes=num_classes, T=T, **options)
-    memory = memory or ("lean" if getattr(model, "supports_memory", False) else "off")
+    memory = memory or ("lean" if any(isinstance(m, LeanModule) for m in model.modules()) else "off")
     set_memory(model, memory)
     model.model_config = {**config, "memory": memory}
     return model

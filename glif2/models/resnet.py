@@ -12,12 +12,23 @@ head per step (`t b k`) and averages over t. No biases anywhere, no softmax.
 import math
 from collections.abc import Callable
 
-from einops import rearrange, reduce, repeat
+from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from glif2 import memory
 from glif2.layers import TimeMerged, merge_time, neuron_factory, norm_factory, split_time
-from glif2.memory import SPIKES, Act, Lean
+from glif2.memory.grid import SPIKES, Grid
+from glif2.memory.lean import (
+    Act,
+    LeanModule,
+    LeanSequential,
+    bn_branch,
+    conv_bn_plain,
+    conv_bn_spike,
+    conv_branch,
+    linear,
+    link_grids,
+)
+from glif2.memory.fused import Branch, unit
 from glif2.models.registry import register_model
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)  # the tdBN scale of every residual sum's two inputs
@@ -63,22 +74,17 @@ def head(c_in: int, num_classes: int, two_linear: bool) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c_in, num_classes, bias=False))
 
 
-def check_image(x: Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"expected an image batch `b c h w`, got shape {tuple(x.shape)}")
-
-
-def shortcut_branches(downsample: nn.Module, act: Act, lean: Lean) -> list[memory.Branch]:
+def shortcut_branches(downsample: nn.Module, act: Act, mode: str) -> list[Branch]:
     """The residual shortcut as a branch of the block's unit: BN of the input, or 1x1 conv + BN."""
     if isinstance(downsample, TimeMerged) and len(downsample) == 1:
-        return [memory.bn_branch(downsample[0], act)]
-    return [memory.conv_branch(downsample[0], act, lean)]
+        return [bn_branch(downsample[0], act)]
+    return [conv_branch(downsample[0], act, mode)]
 
 
 # classes
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(LeanModule):
     """body: conv3x3(s)-BN-GLIF-conv3x3-BN(1/sqrt 2); out = GLIF(body(x) + shortcut(x)). `t b c h w` spikes."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, *, neuron: Neuron, norm: Norm):
@@ -91,17 +97,20 @@ class BasicBlock(nn.Module):
         self.downsample = shortcut(c_in, c_out, stride, norm)  # named as in the reference's checkpoints
         self.lif = neuron(c_out)  # the block's output neuron; `lif` is the reference's key name
 
-    def forward(self, x: Tensor) -> Tensor:
+    def plain(self, x: Tensor) -> Tensor:
         return self.lif(self.body(x) + self.downsample(x))
 
-    def lean(self, act: Act, lean: Lean) -> Act:
+    def lean(self, act: Act, mode: str) -> Act:
         """The same block on the lean path (glif2.memory): two units, the second with the shortcut as a branch."""
-        s1 = memory.conv_bn_spike(self.body[0], self.body[1], act, lean)
-        branches = [memory.conv_branch(self.body[2], s1, lean), *shortcut_branches(self.downsample, act, lean)]
-        return act.then(memory.unit(branches, self.lif, lean, act.x.shape[0]), SPIKES)
+        s1 = conv_bn_spike(self.body[0], self.body[1], act, mode)
+        branches = [conv_branch(self.body[2], s1, mode), *shortcut_branches(self.downsample, act, mode)]
+        return act.then(unit(branches, self.lif, act.x.shape[0]), SPIKES)
+
+    def out_grid(self, in_grid: Grid | None) -> Grid | None:
+        return SPIKES
 
 
-class MSBlock(nn.Module):
+class MSBlock(LeanModule):
     """Membrane shortcut: out = BN(conv(GLIF(BN(conv_s(GLIF(x)))))) + shortcut(x), real-valued, no neuron after."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, *, neuron: Neuron, norm: Norm):
@@ -114,19 +123,37 @@ class MSBlock(nn.Module):
         )
         self.downsample = shortcut(c_in, c_out, stride, norm)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def plain(self, x: Tensor) -> Tensor:
         return self.body(x) + self.downsample(x)
 
-    def lean(self, act: Act, lean: Lean) -> Act:
+    def lean(self, act: Act, mode: str) -> Act:
         """The same block on the lean path. Its input and output are real-valued (membrane sums): only the spikes
         inside the body are packed; in "recompute" the output sum is one unit without a neuron."""
         t = act.x.shape[0]
         s0 = act.then(self.body[0](act.x), SPIKES)
-        s1 = memory.conv_bn_spike(self.body[1], self.body[2], s0, lean)
-        if lean.mode == "lean":
-            return act.then(memory.conv_bn_plain(self.body[3], s1, lean) + self.downsample(act.x))
-        branches = [memory.conv_branch(self.body[3], s1, lean), *shortcut_branches(self.downsample, act, lean)]
-        return act.then(split_time(memory.unit(branches, None, lean, t), t=t))
+        s1 = conv_bn_spike(self.body[1], self.body[2], s0, mode)
+        if mode == "lean":
+            return act.then(conv_bn_plain(self.body[3], s1, mode) + self.downsample(act.x))
+        branches = [conv_branch(self.body[3], s1, mode), *shortcut_branches(self.downsample, act, mode)]
+        return act.then(split_time(unit(branches, None, t), t=t))
+
+    def out_grid(self, in_grid: Grid | None) -> Grid | None:
+        return None  # membrane sums
+
+
+class SpikeHead(LeanModule, TimeMerged):
+    """`t b f -> t b k`: bias-free linears on the time-merged spikes (CIFARNet's classifier); the lean path keeps
+    the first linear's input packed."""
+
+    def plain(self, x: Tensor) -> Tensor:
+        return TimeMerged.forward(self, x)
+
+    def lean(self, act: Act, mode: str) -> Act:
+        t = act.x.shape[0]
+        y = linear(self[0], act.then(merge_time(act.x), act.grid))
+        for layer in list(self)[1:]:
+            y = layer(y)
+        return act.then(split_time(y, t=t))
 
 
 class SpikingResNet(nn.Module):
@@ -164,7 +191,8 @@ class SpikingResNet(nn.Module):
         super().__init__()
         self.T = T
         kernel, stride, padding = stem
-        self.conv1 = nn.Sequential(conv_bn(in_channels, widths[0], kernel, stride, padding, norm), neuron(widths[0]))
+        self.conv1 = LeanSequential(conv_bn(in_channels, widths[0], kernel, stride, padding, norm), neuron(widths[0]),
+                                    image_steps=T)  # the stem: takes the image, repeats it over t
         blocks, c_in = [], widths[0]
         for c_out, n, s in zip(widths[1:], repeats, strides, strict=True):
             for i in range(n):
@@ -172,21 +200,16 @@ class SpikingResNet(nn.Module):
                 c_in = c_out
         self.features = nn.ModuleList(blocks)
         self.lastave = head(c_in, num_classes, two_linear)  # the head; `lastave` is the reference's key name
+        link_grids([self.conv1, *self.features], None)
         init_weights(self)
 
-    supports_memory = True
-    memory = "off"  # set by create_model (glif2.memory)
+    def regions(self) -> list[nn.Module]:
+        """What regional compilation compiles one by one: the stem, each block, the head."""
+        return [self.conv1, *self.features, self.lastave]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """`b c h w -> t b c' h' w'` (spikes, or real-valued sums for the membrane-shortcut nets)."""
-        check_image(x)
-        lean = memory.lean_of(self)
-        if lean is not None:
-            act = memory.run_sequence(self.conv1, memory.image_act(x, self.T, lean), lean)
-            for blk in self.features:
-                act = blk.lean(act, lean)
-            return act.x
-        x = self.conv1(repeat(x, "b c h w -> t b c h w", t=self.T))
+        x = self.conv1(x)
         for blk in self.features:
             x = blk(x)
         return x
@@ -232,33 +255,26 @@ class CIFARNet(nn.Module):
             else:
                 layers += [conv_bn(c_in, v, 3, 1, 1, norm), neuron(v)]
                 c_in = v
-        self.features = nn.Sequential(*layers)
+        self.features = LeanSequential(*layers, image_steps=T)
         flat = c_in * (input_size // 4) ** 2
-        self.classifier = TimeMerged(
+        self.classifier = SpikeHead(
             nn.Linear(flat, 1024, bias=False), nn.Linear(1024, 512, bias=False), nn.Linear(512, num_classes, bias=False)
         )
+        link_grids([self.features, self.classifier], None)  # flattening between them keeps the values
         init_weights(self)
 
-    supports_memory = True
-    memory = "off"  # set by create_model (glif2.memory)
+    def regions(self) -> list[nn.Module]:
+        return [self.features, self.classifier]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """`b c h w -> t b c' h' w'` spikes."""
-        check_image(x)
-        return self.features(repeat(x, "b c h w -> t b c h w", t=self.T))
+        return self.features(x)
 
     def forward_head(self, x: Tensor) -> Tensor:
         """`t b c h w -> t b k`."""
         return self.classifier(rearrange(x, "t b c h w -> t b (c h w)"))
 
     def forward_steps(self, x: Tensor) -> Tensor:
-        lean = memory.lean_of(self)
-        if lean is not None:  # the features' spikes, and the first linear's input, kept packed
-            check_image(x)
-            act = memory.run_sequence(self.features, memory.image_act(x, self.T, lean), lean)
-            flat = act.then(merge_time(rearrange(act.x, "t b c h w -> t b (c h w)")), act.grid)
-            y = memory.linear(self.classifier[0], flat, lean)
-            return split_time(self.classifier[2](self.classifier[1](y)), t=self.T)
         return self.forward_head(self.forward_features(x))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -277,7 +293,7 @@ class GLIFNetSmall(nn.Module):
         super().__init__()
         self.T = T
         c1, c2, c3 = widths
-        self.features = nn.Sequential(
+        self.features = LeanSequential(
             conv_bn(in_channels, c1, 3, 1, 1, norm),
             neuron(c1),
             conv_bn(c1, c2, 3, 1, 1, norm),
@@ -285,20 +301,17 @@ class GLIFNetSmall(nn.Module):
             TimeMerged(nn.AvgPool2d(2, 2)),
             conv_bn(c2, c3, 3, 1, 1, norm),
             neuron(c3),
+            image_steps=T,
         )
         self.lastave = nn.Sequential(nn.Linear(c3, num_classes, bias=False))  # named like the ResNets' head
         init_weights(self)
         nn.init.normal_(self.lastave[0].weight, 0.0, 1.0 / math.sqrt(c3))  # 0.01 would start too slowly here
 
-    supports_memory = True
-    memory = "off"  # set by create_model (glif2.memory)
+    def regions(self) -> list[nn.Module]:
+        return [self.features, self.lastave]
 
     def forward_features(self, x: Tensor) -> Tensor:
-        check_image(x)
-        lean = memory.lean_of(self)
-        if lean is not None:
-            return memory.run_sequence(self.features, memory.image_act(x, self.T, lean), lean).x
-        return self.features(repeat(x, "b c h w -> t b c h w", t=self.T))
+        return self.features(x)
 
     def forward_head(self, x: Tensor) -> Tensor:
         return self.lastave(reduce(x, "t b c h w -> t b c", "mean"))
@@ -330,7 +343,7 @@ def _resnet(num_classes, T, *, bn, in_channels, neuron_options, **arch) -> Spiki
 
 
 # entrypoints. Every one takes `bn` ("td" | "plain"), `in_channels`, and the GLIF options (channel_wise=True,
-# variant, gate_mode, gate_init, params, tau, v_th, leak, v_reset, conduct, surrogate, surrogate_width, eager).
+# variant, gate_mode, gate_init, params, tau, v_th, leak, v_reset, conduct, surrogate, surrogate_width).
 # `head`: "auto" follows the reference (two linears for <= 50 classes in the channel-wise GLIF CIFAR nets and the
 # MS nets; one linear otherwise), "linear" or "two_linear" force one.
 
@@ -395,4 +408,4 @@ def glifnet_small(num_classes: int, T: int, *, bn: str = "td", in_channels: int 
                         in_channels=in_channels)
 
 
-__all__ = ["BasicBlock", "CIFARNet", "GLIFNetSmall", "MSBlock", "SpikingResNet", "conv_bn"]
+__all__ = ["BasicBlock", "CIFARNet", "GLIFNetSmall", "MSBlock", "SpikeHead", "SpikingResNet", "conv_bn"]

@@ -18,9 +18,9 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from glif2 import memory
 from glif2.layers import TimeMerged, neuron_factory, norm_factory
-from glif2.memory import SPIKES, Act, Lean
+from glif2.memory.grid import SPIKES, Grid
+from glif2.memory.lean import Act, LeanModule, LeanSequential, link_grids, multiply, run_sequence
 from glif2.models.registry import register_model
 from glif2.neuron import randomize_gates
 
@@ -33,16 +33,21 @@ Neuron = Callable[[int], nn.Module]
 # helpers
 
 
-def unit(c_in: int, c_out: int, kernel: int, *, neuron: Neuron, norm) -> nn.Sequential:
+def unit(c_in: int, c_out: int, kernel: int, *, neuron: Neuron, norm) -> LeanSequential:
     """`t b c h w -> t b c' h w` spikes: conv k x k (padding k // 2) + BN, then GLIF (keys `.0.0`, `.0.1`, `.1`)."""
     conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False)
-    return nn.Sequential(TimeMerged(conv, norm(c_out)), neuron(c_out))
+    return LeanSequential(TimeMerged(conv, norm(c_out)), neuron(c_out))
+
+
+def pool() -> LeanSequential:
+    """2x2 average pool on the time-merged batch (no parameters); its lean path keeps nothing."""
+    return LeanSequential(TimeMerged(nn.AvgPool2d(2, 2)))
 
 
 # classes
 
 
-class SEWBlock(nn.Module):
+class SEWBlock(LeanModule):
     """out = g(conv(x), x) with conv two 3x3 units (c -> mid -> c); g = ADD: a + x, AND: a * x, IAND: x (1 - a)."""
 
     def __init__(self, channels: int, mid: int, *, connect: str, neuron: Neuron, norm):
@@ -54,7 +59,7 @@ class SEWBlock(nn.Module):
             unit(channels, mid, 3, neuron=neuron, norm=norm), unit(mid, channels, 3, neuron=neuron, norm=norm)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def plain(self, x: Tensor) -> Tensor:
         a = self.conv(x)
         if self.connect == "ADD":
             return a + x
@@ -62,15 +67,20 @@ class SEWBlock(nn.Module):
             return a * x
         return x * (1.0 - a)
 
-    def lean(self, act: Act, lean: Lean) -> Act:
+    def lean(self, act: Act, mode: str) -> Act:
         """The same block on the lean path: ADD's sums stay on a grid (0, 1, 2, ...), AND / IAND keep their factors
         packed."""
-        a = memory.run_sequence(self.conv, act, lean)
+        a = run_sequence(self.conv, act, mode)
         if self.connect == "ADD":
             return act.then(a.x + act.x, a.grid + act.grid if act.grid is not None else None)
         if self.connect == "AND":
-            return memory.multiply(a, act)
-        return memory.multiply(act, a.then(1.0 - a.x, SPIKES))
+            return multiply(a, act)
+        return multiply(act, a.then(1.0 - a.x, SPIKES))
+
+    def out_grid(self, in_grid: Grid | None) -> Grid | None:
+        if in_grid is None:
+            return None
+        return SPIKES + in_grid if self.connect == "ADD" else SPIKES * in_grid
 
 
 class SEWResNetGLIF(nn.Module):
@@ -96,9 +106,6 @@ class SEWResNetGLIF(nn.Module):
         def sew(c: int) -> SEWBlock:
             return SEWBlock(c, c, connect=connect, neuron=neuron, norm=norm)
 
-        def pool() -> TimeMerged:
-            return TimeMerged(nn.AvgPool2d(2, 2))
-
         self.conv = nn.Sequential(
             unit(in_channels, 64, 1, neuron=neuron, norm=norm),  # conv.0
             *[sew(64) for _ in range(4)],  # conv.1-4
@@ -109,18 +116,16 @@ class SEWResNetGLIF(nn.Module):
             sew(128), pool(),  # conv.11, 12
         )
         self.out = nn.Linear(128 * (input_size // 16) ** 2, num_classes, bias=True)
+        link_grids(list(self.conv), None)  # event counts in; then spikes, SEW sums, pooled sums
 
-    supports_memory = True
-    memory = "off"  # set by create_model (glif2.memory)
+    def regions(self) -> list[nn.Module]:
+        """What regional compilation compiles one by one: each unit, block and pool, and the head."""
+        return [*self.conv, self.out]
 
     def forward_features(self, x: Tensor) -> Tensor:
         """`b t c h w -> t b (c h w)`."""
         if x.dim() != 5 or x.shape[1] != self.T:
             raise ValueError(f"expected frames `b t c h w` with t={self.T}, got shape {tuple(x.shape)}")
-        lean = memory.lean_of(self)
-        if lean is not None:
-            act = Act(rearrange(x, "b t c h w -> t b c h w"), eager=lean.eager)
-            return rearrange(memory.run_sequence(self.conv, act, lean).x, "t b c h w -> t b (c h w)")
         x = self.conv(rearrange(x, "b t c h w -> t b c h w"))
         return rearrange(x, "t b c h w -> t b (c h w)")
 
