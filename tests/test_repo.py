@@ -4,6 +4,7 @@ no script imports another script.
 """
 
 import ast
+import importlib.util
 import re
 import subprocess
 import sys
@@ -109,10 +110,15 @@ def test_no_function_over_80_lines():
 
 
 def test_scripts_import_the_package_never_another_script():
-    # A script named like a package shadows it for every script beside it (`python bench/x.py` puts bench/ first on
-    # sys.path): bench/pipelines.py once made `import pipelines` load itself.
+    # A script named like a module shadows it for every script beside it (`python bench/x.py` puts bench/ first on
+    # sys.path): bench/pipelines.py once made `import pipelines` load itself. So no file there is named like our
+    # packages, a standard-library module or an installed one (bench/peers.py is imported as a sibling).
     for folder in ("bench", "tests", "scripts"):
-        assert not [p for p in (ROOT / folder).glob("*.py") if p.stem in ("glif2", "pipelines")], folder
+        for p in (ROOT / folder).glob("*.py"):
+            assert p.stem not in ("glif2", "pipelines") and p.stem not in sys.stdlib_module_names, p
+            spec = importlib.util.find_spec(p.stem)
+            shadowed = spec is not None and not (spec.origin and ROOT in Path(spec.origin).parents)
+            assert not shadowed, f"{p.relative_to(ROOT)} shadows {spec.name} ({spec.origin})"
     for path in [*python_files("tests", "bench", "glif2", "pipelines"), ROOT / "train.py", ROOT / "eval.py"]:
         tree = ast.parse(path.read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
