@@ -15,8 +15,9 @@ One step = forward, cross-entropy, backward, SGD (momentum 0.9) on x `b 3 32 32`
 
 Each candidate runs in its own subprocess, so peak memory is its own: on CUDA torch.cuda.max_memory_allocated over
 the timed steps; on CPU the peak resident-set growth during the timed steps above the resident set before them
-(sampled from /proc/self/statm every 2 ms). Timing (S12): warm-up steps first (compile time reported apart), then
-the median step time over the timed steps, with CUDA events on CUDA.
+(sampled from /proc/self/statm every 2 ms). Timing: warm-up steps first, so that compilation and first-call
+allocations stay out of the figure (the first step's time, compile included, is reported apart), then the median step
+time over the timed steps, with CUDA events on CUDA (they time the GPU's work, not the host's queueing of it).
 """
 
 import argparse

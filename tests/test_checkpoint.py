@@ -15,7 +15,7 @@ from glif2 import convert
 from glif2.checkpoint import CheckpointError, clean_state_dict, rng_state, set_rng_state
 from glif2.released import REFERENCE_KEYS
 
-# (file name, arch, classes, T, layout options, spec key count at T=6 where §6/A gives one)
+# (file name, arch, classes, T, layout options, the key count where docs/networks.md §7.1 gives it: at T=6, DVS T=16)
 RELEASED = [
     ("resCifar18stand-CIFAR10-step6-CW.pth.tar", "resnet18", 10, 6, {}, 308),
     ("resCifar18stand-CIFAR100-step2-CW.pth.tar", "resnet18", 100, 2, {}, None),
