@@ -1,6 +1,7 @@
-"""The repository's own rules, checked: its documents are its own and every citation of them resolves; the core
-never imports the app layer; no import cycles; no function over 80 lines; importing glif2 changes no torch setting;
-no script imports another script.
+"""The repository's own rules, checked: its documents are its own, every citation of them resolves and every section
+mark names its file; the README's layout names every module; the core never imports the app layer; no import cycles;
+no function over 80 lines; importing glif2 changes no torch setting; no script imports another script or shadows a
+module.
 """
 
 import ast
@@ -105,6 +106,36 @@ def test_no_foreign_documents_or_machine_paths():
         assert not foreign.search(text), f"{path.relative_to(ROOT)} cites a document outside the repository"
         for local in (str(ROOT.parent), str(Path.home())):
             assert local + "/" not in text, f"{path.relative_to(ROOT)} names a path of this machine ({local})"
+
+
+def layout_names(readme: str) -> set[str]:
+    """The paths the README's Layout block names. An entry starts at column 0 (indented lines continue it); its head
+    (up to two spaces) is a file, a comma-separated list of files, or a folder whose files (`x.py`, `x.sh`) the entry
+    names."""
+    block = re.search(r"^## Layout\n+```\n(.*?)^```", readme, re.M | re.S)
+    assert block, "README.md has no Layout block"
+    names = set()
+    for entry in re.split(r"\n(?=\S)", block.group(1).strip()):
+        head = re.split(r"\s{2,}", entry, maxsplit=1)[0]
+        if head.endswith("/"):
+            names |= {head} | {head + f for f in re.findall(r"\b[\w.]+\.(?:py|sh)\b", entry)}
+        else:
+            names |= {name.strip() for name in head.split(",")}
+    return names
+
+
+def test_readme_layout_names_every_module():
+    """Every module of glif2/ and pipelines/, every benchmark and script is named in the README's Layout, and
+    everything it names exists: the layout cannot silently go stale."""
+    named = layout_names((ROOT / "README.md").read_text())
+    modules = [*python_files("glif2", "pipelines", "bench"), *(p for p in (ROOT / "scripts").iterdir() if p.is_file()),
+               *ROOT.glob("*.py")]
+    missing = sorted(str(p.relative_to(ROOT)) for p in modules if str(p.relative_to(ROOT)) not in named)
+    assert not missing, f"README.md's Layout does not name {missing}"
+    assert not [name for name in named if not (ROOT / name).exists()], "README.md's Layout names missing paths"
+    # the parser reads the entries as written: a folder's files, a list of files, a file
+    sample = "## Layout\n\n```\na/b.py        x\nc/           d.py (e), f.sh\n             g.py\nh.py, i.py   j\n```\n"
+    assert layout_names(sample) == {"a/b.py", "c/", "c/d.py", "c/f.sh", "c/g.py", "h.py", "i.py"}
 
 
 def _imports(path: Path) -> set[str]:
