@@ -44,8 +44,7 @@ VARIANTS = ("glif", "glif_f")
 GATE_MODES = ("soft", "hard", "static_soft", "static_hard")
 PARAM_MODES = ("learned", "static")
 GATE_INIT = (0.6, 0.8, 0.6)  # the authors' default --gate
-# The open range of an initial gate g: the paper code's squash sigmoid(logit) = 0.25 + g / 2 must stay inside (0, 1).
-GATE_INIT_RANGE = (-0.5, 1.5)
+GATE_INIT_RANGE = (-0.5, 1.5)  # open: the paper code's squash sigmoid(logit) = 0.25 + g / 2 must stay in (0, 1)
 # The stored logits, in registration order: the gates, then the neuron parameters (optimizers group them this way).
 GATE_NAMES = ("alpha", "beta", "gamma")
 NEURON_NAMES = ("tau", "v_th", "leak", "v_reset", "conduct")
