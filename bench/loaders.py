@@ -32,7 +32,7 @@ from datasets_fixtures import write_cifar
 import pipelines
 from pipelines.cifar import load_cifar
 from pipelines.cifar10dvs import CLASSES
-from pipelines.datasets import CIFAR10_MEAN, CIFAR10_STD
+from pipelines.datasets import DATASETS
 
 
 def sync(device: str) -> None:
@@ -74,7 +74,7 @@ def torchvision_loader(root: str, batch: int, workers: int) -> torch.utils.data.
     from torchvision import transforms as tv
 
     transform = tv.Compose([tv.RandomCrop(32, padding=4), tv.RandomHorizontalFlip(), tv.ToTensor(),
-                            tv.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+                            tv.Normalize(DATASETS["cifar10"].mean, DATASETS["cifar10"].std)])
     images, labels = load_cifar("cifar10", "train", data_dir=root)
     return torch.utils.data.DataLoader(PilCifar(images, labels, transform), batch_size=batch, shuffle=True,
                                        drop_last=True, num_workers=workers, persistent_workers=workers > 0)

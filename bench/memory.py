@@ -28,6 +28,7 @@ import gc
 import statistics
 import time
 
+import peers
 import torch
 import torch.nn.functional as F
 
@@ -68,9 +69,7 @@ class Candidate:
         self.model = glif2.create_model(net, num_classes(net), T, memory=mode)
         self.reset = None
         if name.startswith("SJ"):
-            from glif2.peers import reset, with_gated_lif_nodes
-
-            self.model, self.reset = with_gated_lif_nodes(self.model), reset
+            self.model, self.reset = peers.with_gated_lif_nodes(self.model), peers.reset
         self.model.to(device)
         self.objective = Objective(self.model, 0.0, None)  # train.py's: model + cross-entropy
         if compiled:  # SpikingJelly's loop may break the graph: no fullgraph for it
@@ -198,6 +197,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    skip = peers.missing() if any(name.startswith("SJ") for name in args.candidates) else None
+    if skip:
+        print(skip, flush=True)
+        args.candidates = [name for name in args.candidates if not name.startswith("SJ")]
     for device in map(torch.device, devices):
         print(f"## {device.type}: {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
         for net in args.nets:

@@ -18,6 +18,7 @@ import argparse
 import statistics
 import time
 
+import peers
 import torch
 
 from glif2 import GLIF
@@ -25,23 +26,20 @@ from glif2 import GLIF
 SHAPES = [(4, 32, 64, 32, 32), (16, 16, 64, 32, 32)]
 
 
-def build_candidates(T: int, C: int, device: str) -> dict:
+def build_candidates(T: int, C: int, device: str, with_peers: bool) -> dict:
     torch.manual_seed(0)
     ours = GLIF(T, C).to(device)
     eager = GLIF(T, C, eager=True).to(device)
     eager.load_state_dict(ours.state_dict())
     cands = {"glif2 compiled": ours, "glif2 eager": eager}
-    try:
-        from glif2.peers import gated_lif_node, reset
-    except ImportError:
-        print("spikingjelly not installed: peers skipped (pip install --no-deps spikingjelly==2.0.0 loguru)")
+    if not with_peers:
         return cands
-    sj = gated_lif_node(ours)
+    sj = peers.gated_lif_node(ours)
     sj_compiled = torch.compile(sj)
 
     def with_reset(node, module):  # its membrane persists across calls; reset_net is part of using it
         def run(x):
-            reset(module)
+            peers.reset(module)
             return node(x)
 
         return run
@@ -99,10 +97,10 @@ def copy_bandwidth(x: torch.Tensor, device: str) -> float:
     return 2 * x.numel() * x.element_size() / ms / 1e6
 
 
-def bench_shape(shape: tuple, device: str, reps: int, iters: int) -> None:
+def bench_shape(shape: tuple, device: str, reps: int, iters: int, with_peers: bool) -> None:
     T, B, C, H, W = shape
     x0 = (torch.randn(shape, device=device) * 0.6 + 0.3).contiguous()
-    cands = build_candidates(T, C, device)
+    cands = build_candidates(T, C, device, with_peers)
 
     def fwd(n):
         def run():
@@ -134,13 +132,13 @@ def bench_shape(shape: tuple, device: str, reps: int, iters: int) -> None:
     print(f"\n## {device}  [T={T}, B={B}, C={C}, {H}, {W}]  float32, {torch.get_num_threads()} threads, "
           f"{reps} rounds x {iters} iters")
     header = f"{'candidate':<16}{'first call s':>13}{'fwd ms':>10}{'fwd+bwd ms':>12}{'saved/step':>12}{'rate':>7}"
-    peers = [p for p in ("SJ eager", "SJ compiled") if p in med]
-    header += "".join(f"{'vs ' + p:>16}" for p in peers)
+    others = [p for p in ("SJ eager", "SJ compiled") if p in med]
+    header += "".join(f"{'vs ' + p:>16}" for p in others)
     print(header)
     for name, n in cands.items():
         row = f"{name:<16}{compile_s[name]:>13.1f}{med[name]['fwd']:>10.2f}{med[name]['fwd+bwd']:>12.2f}"
         row += f"{saved_per_step(n, x0):>12.2f}{spikes[name]:>7.3f}"
-        for p in peers:
+        for p in others:
             row += f"{med[p]['fwd+bwd'] / med[name]['fwd+bwd']:>15.2f}x"
         print(row)
     if device == "cuda":
@@ -161,12 +159,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}")
+    skip = peers.missing()
+    if skip:
+        print(skip)
     for device in args.devices:
         if device == "cuda" and not torch.cuda.is_available():
             print("\n(cuda not available: skipped)")
             continue
         for shape in SHAPES:
-            bench_shape(shape, device, args.reps, args.iters)
+            bench_shape(shape, device, args.reps, args.iters, with_peers=skip is None)
 
 
 if __name__ == "__main__":

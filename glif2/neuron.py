@@ -43,6 +43,11 @@ VARIANTS = ("glif", "glif_f")
 GATE_MODES = ("soft", "hard", "static_soft", "static_hard")
 PARAM_MODES = ("learned", "static")
 GATE_INIT = (0.6, 0.8, 0.6)  # the authors' default --gate
+GATE_INIT_RANGE = (-0.5, 1.5)  # open: the paper code's squash sigmoid(logit) = 0.25 + g / 2 must stay in (0, 1)
+# The stored logits, in registration order: the gates, then the neuron parameters (optimizers group them this way).
+GATE_NAMES = ("alpha", "beta", "gamma")
+NEURON_NAMES = ("tau", "v_th", "leak", "v_reset", "conduct")
+GLIF_PARAMS = (*GATE_NAMES, *NEURON_NAMES)
 EAGER_DEPRECATED = ("the eager= option is deprecated and has no effect: run the code under "
                     "`with glif2.eager_kernels():` to run the fused kernels uncompiled")
 
@@ -217,6 +222,14 @@ def _check_open_unit(name: str, value: float) -> None:
         raise ValueError(f"{name}={value} must lie in (0, 1): it is stored as a logit and used through a sigmoid")
 
 
+def check_gate_init(gate_init: tuple[float, ...]) -> None:
+    """ValueError unless `gate_init` holds one value per gate, each inside the open GATE_INIT_RANGE."""
+    lo, hi = GATE_INIT_RANGE
+    if len(gate_init) != len(GATE_NAMES) or not all(lo < g < hi for g in gate_init):
+        raise ValueError(f"gate_init={tuple(gate_init)!r} must be {len(GATE_NAMES)} values in ({lo}, {hi}) for "
+                         f"({', '.join(GATE_NAMES)})")
+
+
 class GLIF(nn.Module):
     """Gated leaky integrate-and-fire neuron over T steps (stateless: u and o start at 0 on every call).
 
@@ -289,8 +302,7 @@ class GLIF(nn.Module):
             raise ValueError(f"gate_mode={gate_mode!r}; choose one of {GATE_MODES}")
         if params not in PARAM_MODES:
             raise ValueError(f"params={params!r}; choose one of {PARAM_MODES}")
-        if len(gate_init) != 3 or not all(-0.5 < g < 1.5 for g in gate_init):
-            raise ValueError(f"gate_init={gate_init!r} must be three values in (-0.5, 1.5) for (alpha, beta, gamma)")
+        check_gate_init(gate_init)
         for name, value in dict(tau=tau, v_th=v_th, leak=leak, v_reset=v_reset, conduct=conduct).items():
             _check_open_unit(name, value)
         get_surrogate(surrogate)
@@ -307,8 +319,8 @@ class GLIF(nn.Module):
             return nn.Parameter(torch.full(size, _logit(value)), requires_grad=learned)
 
         gates_learned = not gate_mode.startswith("static")
-        names = ("alpha", "beta", "gamma") if variant == "glif" else ("gamma",)
-        for name, g in zip(("alpha", "beta", "gamma"), gate_init, strict=True):
+        names = GATE_NAMES if variant == "glif" else ("gamma",)
+        for name, g in zip(GATE_NAMES, gate_init, strict=True):
             if name in names:  # the paper code's squashed gate init; GLIF_f's gamma is never used
                 self.register_parameter(name, param(0.25 + g / 2, gates_learned and variant == "glif"))
         learned = params == "learned"
@@ -335,7 +347,7 @@ class GLIF(nn.Module):
         out = {}
         if self.variant == "glif":
             out.update(alpha=self._gate(self.alpha), beta=self._gate(self.beta), gamma=self._gate(self.gamma))
-        for name in ("tau", "v_th", "leak", "v_reset", "conduct"):
+        for name in NEURON_NAMES:
             logit = getattr(self, name)
             out[name] = torch.sigmoid(logit if self.params == "learned" else logit.detach())
         return out
@@ -429,8 +441,8 @@ def randomize_gates(module: nn.Module, low: float = -0.1, high: float = 0.1,
     initial gates, as in the reference. Returns the module.
     """
     for m in module.modules():
-        if all(isinstance(getattr(m, name, None), torch.Tensor) for name in ("alpha", "beta", "gamma")):
-            for name in ("alpha", "beta", "gamma"):
+        if all(isinstance(getattr(m, name, None), torch.Tensor) for name in GATE_NAMES):
+            for name in GATE_NAMES:
                 old = getattr(m, name)
                 if dtype is None or dtype == old.dtype:
                     old.uniform_(low, high)

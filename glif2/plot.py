@@ -5,7 +5,7 @@
 
 Shape letters: t steps, c channels.
 
-One panel per quantity (alpha, beta, gamma, tau, v_th, leak, v_reset, conduct), effective values (the sigmoid of
+One panel per quantity (glif2.neuron.GLIF_PARAMS: alpha ... conduct), effective values (the sigmoid of
 the stored logits, after the gate mode); each GLIF layer is one horizontal violin of its channels' values
 (conduct: all `t c` entries). Layer-wise neurons have one value per layer and are drawn as points. Needs
 matplotlib (the `plot` extra).
@@ -19,9 +19,9 @@ from torch import nn
 
 from glif2.analysis import glif_layers
 from glif2.checkpoint import load_model
+from glif2.neuron import GLIF_PARAMS
 
-QUANTITIES = ("alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset", "conduct")
-LABELS = {
+LABELS = {  # one per name of GLIF_PARAMS, in its order (a test checks)
     "alpha": "α (leakage gate)",
     "beta": "β (integration gate)",
     "gamma": "γ (reset gate)",
@@ -37,7 +37,7 @@ LABELS = {
 def parameter_values(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """{quantity: {layer name: flat float64 values}} over every GLIF layer (GLIF_f layers have no alpha/beta;
     their unused gamma is left out)."""
-    out: dict[str, dict[str, torch.Tensor]] = {q: {} for q in QUANTITIES}
+    out: dict[str, dict[str, torch.Tensor]] = {q: {} for q in GLIF_PARAMS}
     for name, m in glif_layers(model):
         for q, v in m.effective_values().items():
             out[q][name] = v.detach().double().flatten().cpu()

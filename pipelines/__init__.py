@@ -17,49 +17,28 @@ DALI and tonic are imported only when their pipelines are built, so `import pipe
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from pipelines._common import DataError, ShardedLoader, check_common
-from pipelines.datasets import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR10DVS_MEAN,
-    CIFAR10DVS_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    DALI_DATASETS,
-    DATASETS,
-    DIGITS_MEAN,
-    DIGITS_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DatasetInfo,
-    dataset_info,
-)
+from pipelines.datasets import DALI_DATASETS, DATASETS, DatasetInfo, dataset_info
 
 BACKENDS = ("auto", "dali", "torch")
 
 __all__ = [
     "BACKENDS",
-    "CIFAR10DVS_MEAN",
-    "CIFAR10DVS_STD",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
     "DALI_DATASETS",
     "DATASETS",
     "DataError",
-    "DIGITS_MEAN",
-    "DIGITS_STD",
     "DatasetInfo",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
+    "GENERIC_OPTIONS",
     "ShardedLoader",
     "build_loader",
+    "builder_options",
     "dali_available",
     "dataset_info",
     "resolve_backend",
@@ -89,22 +68,43 @@ def resolve_backend(dataset: str, backend: str) -> str:
     return backend
 
 
-# Dataset-specific keywords of build_loader. The generic knobs `num_workers` and `num_threads` are accepted for every
-# dataset (train.py can pass them unconditionally) and dropped where the backend has no use for them.
-_OPTIONS = {
-    ("cifar10", "dali"): {"num_threads"},
-    ("cifar100", "dali"): {"num_threads"},
-    ("imagenet", "dali"): {"num_threads", "verify"},
-    ("imagenet", "torch"): {"num_workers", "verify"},
-    ("cifar10dvs", "torch"): {"remap", "cache_dir", "cache", "num_workers", "verify"},
-}
+# Loader knobs every dataset accepts (train.py can pass them unconditionally); dropped where the builder has no use
+# for them.
+GENERIC_OPTIONS = ("num_workers", "num_threads")
 
 
-def _options(dataset: str, backend: str, options: dict[str, Any]) -> dict[str, Any]:
-    allowed = _OPTIONS.get((dataset, backend), set())
-    unknown = set(options) - allowed - {"num_workers", "num_threads"}
+def _builder(dataset: str) -> Callable[..., ShardedLoader]:
+    """The dataset's builder, imported here: its module is loaded only when its loader is built."""
+    if dataset in ("cifar10", "cifar100"):
+        from pipelines.cifar import build_cifar
+
+        return build_cifar
+    if dataset == "imagenet":
+        from pipelines.imagenet import build_imagenet
+
+        return build_imagenet
+    if dataset == "cifar10dvs":
+        from pipelines.cifar10dvs import build_cifar10dvs
+
+        return build_cifar10dvs
+    from pipelines.digits import build_digits
+
+    return build_digits
+
+
+def builder_options(dataset: str) -> tuple[str, ...]:
+    """The dataset-specific keywords of build_loader: its builder's keyword-only parameters that build_loader does not
+    set itself (read from the builder's signature, so the two cannot disagree)."""
+    own = inspect.signature(build_loader).parameters
+    params = inspect.signature(_builder(dataset)).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in own)
+
+
+def _options(dataset: str, options: dict[str, Any]) -> dict[str, Any]:
+    allowed = builder_options(dataset)
+    unknown = set(options) - set(allowed) - set(GENERIC_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for {dataset} ({backend}); allowed: {sorted(allowed)}")
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for {dataset}; allowed: {sorted(allowed)}")
     return {k: v for k, v in options.items() if k in allowed}
 
 
@@ -133,8 +133,8 @@ def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None
         backend: "auto" (DALI when installed and the dataset has a DALI path), "dali" or "torch".
         seed: base seed of permutations and augmentation.
         download: fetch missing data where the library supports it (CIFAR via torchvision, CIFAR10-DVS via tonic).
-        **options: dataset-specific keywords, e.g. `remap`, `cache_dir`, `num_workers` (cifar10dvs),
-            `num_threads` (DALI), `num_workers`, `verify` (imagenet).
+        **options: dataset-specific keywords (`builder_options(dataset)`: the builder's own, e.g. `remap`, `cache_dir`
+            for cifar10dvs, `verify` for imagenet); `num_workers` and `num_threads` are accepted for every dataset.
 
     Returns:
         An iterable of `(x, y)` on `device` with `len()` (batches of a full epoch), `set_epoch(epoch,
@@ -153,21 +153,13 @@ def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None
     backend = resolve_backend(dataset, backend)
     if dataset != "digits" and data_dir is None:
         raise ValueError(f"{dataset} needs data_dir")
-    options = _options(dataset, backend, options)
+    options = _options(dataset, options)
     common = {"batch_size": batch_size, "rank": rank, "world_size": world_size, "device": device, "seed": seed}
+    build = _builder(dataset)
     if dataset in ("cifar10", "cifar100"):
-        from pipelines.cifar import build_cifar
-
-        return build_cifar(dataset, split, data_dir=data_dir, backend=backend, download=download, **common,
-                           **options)
+        return build(dataset, split, data_dir=data_dir, backend=backend, download=download, **common, **options)
     if dataset == "imagenet":
-        from pipelines.imagenet import build_imagenet
-
-        return build_imagenet(split, data_dir=data_dir, backend=backend, **common, **options)
+        return build(split, data_dir=data_dir, backend=backend, **common, **options)
     if dataset == "cifar10dvs":
-        from pipelines.cifar10dvs import build_cifar10dvs
-
-        return build_cifar10dvs(split, data_dir=data_dir, T=T, download=download, **common, **options)
-    from pipelines.digits import build_digits
-
-    return build_digits(split, **common, **options)
+        return build(split, data_dir=data_dir, T=T, download=download, **common, **options)
+    return build(split, **common, **options)

@@ -15,10 +15,11 @@ import torch
 from einops import rearrange
 
 from pipelines._common import ShardedLoader, TensorLoader, check_common, is_train_split
-from pipelines.datasets import DATASETS, DIGITS_MEAN, DIGITS_STD
+from pipelines.datasets import DATASETS
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the split must not move with the training seed
+(MEAN,), (STD,) = DATASETS["digits"].mean, DATASETS["digits"].std  # one grey channel
 
 
 def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +35,7 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _normalize(x: torch.Tensor, u: np.ndarray) -> torch.Tensor:
-    return (x - DIGITS_MEAN[0]) / DIGITS_STD[0]
+    return (x - MEAN) / STD
 
 
 def build_digits(split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -40,9 +40,10 @@ from pipelines._common import (
     is_train_split,
     sample_uniforms,
 )
-from pipelines.datasets import DATASETS, IMAGENET_MEAN, IMAGENET_STD
+from pipelines.datasets import DATASETS
 
 SIZE = DATASETS["imagenet"].input_size
+MEAN, STD = DATASETS["imagenet"].mean, DATASETS["imagenet"].std
 RESIZE = 256
 SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -240,8 +241,8 @@ def dali_pipeline(files: list[str], labels: list[int], *, train: bool, cuda: boo
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=RESIZE, interp_type=types.INTERP_LINEAR)
             crop = {"crop": (SIZE, SIZE)}
-        images = fn.crop_mirror_normalize(images, mean=[255 * m for m in IMAGENET_MEAN],
-                                          std=[255 * s for s in IMAGENET_STD], dtype=types.FLOAT,
+        images = fn.crop_mirror_normalize(images, mean=[255 * m for m in MEAN],
+                                          std=[255 * s for s in STD], dtype=types.FLOAT,
                                           output_layout="CHW", **crop)
         return images, label
 
@@ -284,7 +285,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 img = TF.hflip(img)
         else:
             img = self.val_transform(img)
-        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD), self.labels[i]
+        return TF.normalize(TF.to_tensor(img), MEAN, STD), self.labels[i]
 
 
 class ImageNetDali(DaliLoader):

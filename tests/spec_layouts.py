@@ -55,7 +55,8 @@ ARCHS = {
 
 
 def resnet_layout(arch, K, T, *, td=True, channel_wise=True, variant="glif", two_linear=None):
-    """§7 templates. two_linear=None applies the reference's rule for the released (CW GLIF) classes."""
+    """The key templates of docs/networks.md §8.3. two_linear=None applies the reference's rule for the released
+    (CW GLIF) classes."""
     stem_c, stem_k, widths, repeats, strides, ms = ARCHS[arch]
     if two_linear is None:
         two_linear = K <= 50 and arch != "resnet34"

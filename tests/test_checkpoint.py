@@ -17,7 +17,7 @@ from glif2.released import REFERENCE_KEYS
 
 pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
 
-# (file name, arch, classes, T, layout options, spec key count at T=6 where §6/A gives one)
+# (file name, arch, classes, T, layout options, the key count where docs/networks.md §7.1 gives it: at T=6, DVS T=16)
 RELEASED = [
     ("resCifar18stand-CIFAR10-step6-CW.pth.tar", "resnet18", 10, 6, {}, 308),
     ("resCifar18stand-CIFAR100-step2-CW.pth.tar", "resnet18", 100, 2, {}, None),

@@ -13,7 +13,7 @@ from reference import naive_glif
 
 from glif2 import GLIF, GLIFState, glif_step, randomize_gates
 from glif2.compile import eager_kernels
-from glif2.neuron import GATE_MODES
+from glif2.neuron import GATE_MODES, GLIF_PARAMS
 
 T = 4
 
@@ -239,7 +239,7 @@ def test_default_init_values():
             torch.testing.assert_close(v[name], torch.full_like(v[name], value))
     assert cw.conduct.shape == (6, 8) and lw.conduct.shape == (6,) and lw.alpha.shape == ()
     names = ["alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset", "conduct"]
-    assert [n for n, _ in cw.named_parameters()] == names
+    assert [n for n, _ in cw.named_parameters()] == names == list(GLIF_PARAMS) == list(cw.effective_values())
     assert [n for n, _ in f.named_parameters()] == ["gamma", "tau", "v_th", "leak", "v_reset", "conduct"]
     torch.testing.assert_close(cw.alpha, torch.full((8,), 0.2006707))  # logit(0.25 + 0.6 / 2), docs/neuron.md §3.2
     assert torch.sigmoid(GLIF(2, 1, gate_init=(1.0, 1.0, 1.0)).alpha).item() == pytest.approx(0.75)

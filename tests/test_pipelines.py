@@ -125,17 +125,18 @@ def test_cifar_contract(cifar_data, name, backend):
 
 
 def test_normalisation_constants():
-    assert pipelines.CIFAR10_MEAN == (0.4914, 0.4822, 0.4465) and pipelines.CIFAR10_STD == (0.247, 0.243, 0.261)
-    np.testing.assert_allclose(pipelines.CIFAR100_MEAN, (0.507059, 0.486667, 0.440784), atol=1e-6)
-    np.testing.assert_allclose(pipelines.CIFAR100_STD, (0.267451, 0.256471, 0.276078), atol=1e-6)
-    assert imagenet.IMAGENET_MEAN == (0.485, 0.456, 0.406) and imagenet.IMAGENET_STD == (0.229, 0.224, 0.225)
+    info = pipelines.DATASETS
+    assert info["cifar10"].mean == (0.4914, 0.4822, 0.4465) and info["cifar10"].std == (0.247, 0.243, 0.261)
+    np.testing.assert_allclose(info["cifar100"].mean, (0.507059, 0.486667, 0.440784), atol=1e-6)
+    np.testing.assert_allclose(info["cifar100"].std, (0.267451, 0.256471, 0.276078), atol=1e-6)
+    assert info["imagenet"].mean == (0.485, 0.456, 0.406) and info["imagenet"].std == (0.229, 0.224, 0.225)
     from sklearn.datasets import load_digits
 
     data = load_digits().data / 16.0
-    np.testing.assert_allclose((digits.DIGITS_MEAN[0], digits.DIGITS_STD[0]), (data.mean(), data.std()), rtol=1e-12)
-    info = pipelines.DATASETS
-    assert (info["cifar10"].mean, info["digits"].std, info["imagenet"].mean) == (
-        pipelines.CIFAR10_MEAN, digits.DIGITS_STD, imagenet.IMAGENET_MEAN)
+    np.testing.assert_allclose((info["digits"].mean, info["digits"].std), ((data.mean(),), (data.std(),)), rtol=1e-12)
+    # the loaders normalise with the table's values
+    assert (imagenet.MEAN, imagenet.STD) == (info["imagenet"].mean, info["imagenet"].std)
+    assert ((digits.MEAN,), (digits.STD,)) == (info["digits"].mean, info["digits"].std)
     assert all(len(i.mean) == len(i.std) == i.in_channels for i in info.values())
 
 
@@ -156,8 +157,9 @@ def test_imagenet_contract(imagenet_root, backend, split):
         assert y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     # Normalised random pixels: roughly zero mean, unit-ish spread, within the normalised [0, 255] range.
-    lo = min((0 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD, strict=True))
-    hi = max((1 - m) / s for m, s in zip(imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD, strict=True))
+    info = pipelines.DATASETS["imagenet"]
+    lo = min((0 - m) / s for m, s in zip(info.mean, info.std, strict=True))
+    hi = max((1 - m) / s for m, s in zip(info.mean, info.std, strict=True))
     assert lo - 1e-4 <= x.min() and x.max() <= hi + 1e-4 and abs(x.mean()) < 0.5
 
 
@@ -172,6 +174,29 @@ def test_imagenet_val_backends_agree(imagenet_root):
     assert (a[0] - b[0]).abs().mean() < 0.15  # random-pixel images: a wrong crop or channel order gives ~1
 
 
+def test_loader_options_are_the_builders_keywords(tmp_path, monkeypatch):
+    """build_loader's dataset-specific keywords are each builder's own keyword-only parameters (read from its
+    signature); an unknown one is refused naming them; num_workers and num_threads are accepted everywhere."""
+    assert pipelines.builder_options("cifar10dvs") == ("remap", "cache_dir", "cache", "num_workers", "verify")
+    assert pipelines.builder_options("imagenet") == ("num_threads", "num_workers", "verify")
+    assert pipelines.builder_options("cifar100") == ("num_threads",) and pipelines.builder_options("digits") == ()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['remap'\] for digits; allowed: \[\]"):
+        pipelines.build_loader("digits", "train", data_dir=None, batch_size=8, remap="h1")
+    with pytest.raises(ValueError, match=r"\['cache_dri'\] for cifar10dvs; allowed: \['cache', 'cache_dir', "):
+        pipelines.build_loader("cifar10dvs", "train", data_dir=tmp_path, batch_size=2, T=4, cache_dri=tmp_path)
+    assert len(pipelines.build_loader("digits", "train", data_dir=None, batch_size=100, num_workers=2,
+                                      num_threads=3)) == 14
+
+    def fake(split, *, batch_size, rank, world_size, device, seed, flavour="plain"):
+        return split, flavour
+
+    monkeypatch.setattr(pipelines, "_builder", lambda dataset: fake)  # a new keyword needs no table entry
+    assert pipelines.build_loader("digits", "test", data_dir=None, batch_size=8, flavour="salty",
+                                  num_workers=2) == ("test", "salty")
+    with pytest.raises(ValueError, match=r"allowed: \['flavour'\]"):
+        pipelines.build_loader("digits", "test", data_dir=None, batch_size=8, remap="h1")
+
+
 def test_digits_contract():
     train = pipelines.build_loader("digits", "train", data_dir=None, batch_size=100)
     test = pipelines.build_loader("digits", "test", data_dir=None, batch_size=100)
@@ -183,7 +208,8 @@ def test_digits_contract():
     assert np.bincount(y.numpy(), minlength=10).min() >= 35
     torch.testing.assert_close(collect(pipelines.build_loader("digits", "test", data_dir=None, batch_size=7))[0], x)
     raw, _ = digits.load_digits_split("test")
-    torch.testing.assert_close(x, (torch.from_numpy(raw) - digits.DIGITS_MEAN[0]) / digits.DIGITS_STD[0])
+    (mean,), (std,) = pipelines.DATASETS["digits"].mean, pipelines.DATASETS["digits"].std
+    torch.testing.assert_close(x, (torch.from_numpy(raw) - mean) / std)
     xtr, _ = collect(train)
     assert abs(xtr.mean()) < 0.05 and abs(xtr.std() - 1) < 0.05
 
@@ -483,8 +509,8 @@ def test_imagenet_torch_train_applies_the_window(imagenet_root):
         top, left, h, w = (int(a[0]) for a in imagenet.rrc_window(
             np.float32([img.height]), np.float32([img.width]), *imagenet.rrc_factors(ui[None]), ui[-3:-2], ui[-2:-1]))
         ref = TF.resized_crop(img, top, left, h, w, [224, 224], InterpolationMode.BILINEAR, antialias=True)
-        ref = TF.normalize(TF.to_tensor(TF.hflip(ref) if ui[-1] < 0.5 else ref), imagenet.IMAGENET_MEAN,
-                           imagenet.IMAGENET_STD)
+        ref = TF.normalize(TF.to_tensor(TF.hflip(ref) if ui[-1] < 0.5 else ref), pipelines.DATASETS["imagenet"].mean,
+                           pipelines.DATASETS["imagenet"].std)
         assert torch.equal(out, ref)
 
 

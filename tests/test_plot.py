@@ -7,6 +7,7 @@ from spec_layouts import layout, random_state_dict
 
 import glif2
 from glif2 import plot
+from glif2.neuron import GLIF_PARAMS
 
 pytestmark = [needs("matplotlib"), pytest.mark.usefixtures("uncompiled")]
 
@@ -19,8 +20,8 @@ def test_plot_writes_png(tmp_path):
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
     values = plot.parameter_values(model)
-    assert list(values) == list(plot.QUANTITIES) and list(values["conduct"]) == ["features.1", "features.3",
-                                                                                  "features.6"]
+    assert list(values) == list(plot.LABELS) == list(GLIF_PARAMS)  # a panel, with its label, per parameter
+    assert list(values["conduct"]) == ["features.1", "features.3", "features.6"]
     assert values["conduct"]["features.1"].numel() == 2 * 32
 
 

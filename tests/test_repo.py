@@ -1,9 +1,11 @@
-"""The repository's own rules, checked: its documents are its own and every citation of them resolves; the core
-never imports the app layer; no import cycles; no function over 80 lines; importing glif2 changes no torch setting;
-no script imports another script.
+"""The repository's own rules, checked: its documents are its own, every citation of them resolves and every section
+mark names its file; the README's layout names every module; the core never imports the app layer; no import cycles;
+no function over 80 lines; importing glif2 changes no torch setting; no script imports another script or shadows a
+module.
 """
 
 import ast
+import importlib.util
 import re
 import subprocess
 import sys
@@ -15,7 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".toml", ".sh") or p.name == "Makefile"]
 SOURCES = [p for p in SOURCES if not any(part.startswith(".") or part in ("build", "runs") for part in
                                          p.relative_to(ROOT).parts)]
-CITATION = re.compile(r"docs/([a-z]+)\.md((?: §[0-9.]+(?:-§[0-9.]+)?,?)*)(?: (Q[0-9]+))?")
+# `docs/neuron.md §9 Q3`, `docs/networks.md §1-§3 and §5`; inside docs/ also a sibling's `neuron.md §N`.
+CITATION = re.compile(r"(?<![\w/])(docs/)?([a-z]+)\.md((?:(?: and)? §[0-9.]+(?:-§[0-9.]+)?,?)*)(?: (Q[0-9]+))?")
+# A style-guide rule number (S and digits): the guide lives outside the repository, so such a mark tells a reader
+# nothing; the comment should say the reason itself.
+RULE = re.compile(r"\bS[0-9]+\b")
 
 
 def python_files(*folders: str) -> list[Path]:
@@ -27,21 +33,69 @@ def headings(doc: Path) -> set[str]:
     return {m.group(1).rstrip(".") for m in re.finditer(r"^#{2,4} ([0-9][0-9.]*)", doc.read_text(), re.M)}
 
 
+def in_docs(path: Path) -> bool:
+    return path.parent == ROOT / "docs"
+
+
+def is_citation(m: re.Match, docs: bool) -> bool:
+    """A CITATION match names its document: by its docs/ path, or (inside docs/) by a sibling's name."""
+    return bool(m.group(1)) or docs
+
+
+def unfiled_marks(text: str, docs: bool = False) -> list[str]:
+    """The marks in `text` that name no file: a style-rule number anywhere, and outside docs/ a section mark that is
+    not part of a citation of a docs/ file (CITATION). Inside docs/ a bare `§N` is the document's own section
+    (resolved by test_every_docs_citation_resolves)."""
+    rest = CITATION.sub(lambda m: " " * len(m.group(0)) if is_citation(m, docs) else m.group(0), text)
+    marks = [m.group(0) for m in RULE.finditer(rest)]
+    if not docs:
+        marks += [m.group(0).strip() for m in re.finditer(r"\S*\s?\S*\s?§[0-9][0-9.]*", rest)]
+    return marks
+
+
 def test_every_docs_citation_resolves():
-    """`docs/neuron.md §9 Q3` in code, tests, help text and docs: the file, the section and the quirk all exist."""
+    """`docs/neuron.md §9 Q3` in code, tests, help text and docs (and in docs, `neuron.md §N` or this document's
+    own `§N`): the file, the section and the quirk all exist."""
     cited = 0
     for path in SOURCES:
-        for m in CITATION.finditer(path.read_text(errors="ignore")):
-            doc = ROOT / "docs" / f"{m.group(1)}.md"
+        text = path.read_text(errors="ignore")
+        for m in CITATION.finditer(text):
+            if not is_citation(m, in_docs(path)):
+                continue
+            doc = ROOT / "docs" / f"{m.group(2)}.md"
             where = f"{path.relative_to(ROOT)}: {m.group(0)!r}"
             assert doc.is_file(), where
-            sections = re.findall(r"§([0-9.]+)", m.group(2))
-            for s in sections:
+            for s in re.findall(r"§([0-9.]+)", m.group(3)):
                 assert s.rstrip(".") in headings(doc), f"{where}: no section {s} in {doc.name}"
-            if m.group(3):
-                assert re.search(rf"^\| {m.group(3)} \|", doc.read_text(), re.M), f"{where}: no {m.group(3)}"
+            if m.group(4):
+                assert re.search(rf"^\| {m.group(4)} \|", doc.read_text(), re.M), f"{where}: no {m.group(4)}"
             cited += 1
+        if in_docs(path):
+            rest = CITATION.sub(" ", text)
+            for s in re.findall(r"§([0-9][0-9.]*)", rest):
+                assert s.rstrip(".") in headings(path), f"{path.relative_to(ROOT)}: no section {s} of its own"
     assert cited > 30  # the code does cite its documents
+
+
+def test_every_mark_names_its_file():
+    """A section mark names its document (`docs/training.md §2`, not `§N` alone), and no comment cites a rule of a
+    guide outside the repository: a reader must be able to follow every mark."""
+    unfiled = {str(p.relative_to(ROOT)): unfiled_marks(p.read_text(errors="ignore"), in_docs(p)) for p in SOURCES}
+    assert not {k: v for k, v in unfiled.items() if v}
+
+
+def test_unfiled_marks_are_caught():
+    """The check above catches the marks it was written for: the repository holds none, so they are planted here
+    (split in the source, so that this file passes the check itself)."""
+    sign = "\N{SECTION SIGN}"
+    assert unfiled_marks("Build order (S" "13): checks (before any work), data, model") == ["S" "13"]
+    assert unfiled_marks("Honest timing (S" "12): warm-up steps first") == ["S" "12"]
+    assert unfiled_marks(f"stages [2, 2, 2, 2] all stride 2, {sign}4.1. The released") == [f"stride 2, {sign}4.1."]
+    assert unfiled_marks(f"see neuron.md {sign}6 for tdBN")  # a document outside docs/ names it by its path
+    assert unfiled_marks(f"{sign}7 templates.") == [f"{sign}7"]
+    assert not unfiled_marks(f"as docs/networks.md {sign}1-{sign}3 and {sign}5, docs/neuron.md {sign}9 Q3")
+    assert not unfiled_marks(f"the split ({sign}6) and neuron.md {sign}2.3", docs=True)
+    assert unfiled_marks("(S" "13)", docs=True) == ["S" "13"]
 
 
 def test_no_foreign_documents_or_machine_paths():
@@ -52,6 +106,36 @@ def test_no_foreign_documents_or_machine_paths():
         assert not foreign.search(text), f"{path.relative_to(ROOT)} cites a document outside the repository"
         for local in (str(ROOT.parent), str(Path.home())):
             assert local + "/" not in text, f"{path.relative_to(ROOT)} names a path of this machine ({local})"
+
+
+def layout_names(readme: str) -> set[str]:
+    """The paths the README's Layout block names. An entry starts at column 0 (indented lines continue it); its head
+    (up to two spaces) is a file, a comma-separated list of files, or a folder whose files (`x.py`, `x.sh`) the entry
+    names."""
+    block = re.search(r"^## Layout\n+```\n(.*?)^```", readme, re.M | re.S)
+    assert block, "README.md has no Layout block"
+    names = set()
+    for entry in re.split(r"\n(?=\S)", block.group(1).strip()):
+        head = re.split(r"\s{2,}", entry, maxsplit=1)[0]
+        if head.endswith("/"):
+            names |= {head} | {head + f for f in re.findall(r"\b[\w.]+\.(?:py|sh)\b", entry)}
+        else:
+            names |= {name.strip() for name in head.split(",")}
+    return names
+
+
+def test_readme_layout_names_every_module():
+    """Every module of glif2/ and pipelines/, every benchmark and script is named in the README's Layout, and
+    everything it names exists: the layout cannot silently go stale."""
+    named = layout_names((ROOT / "README.md").read_text())
+    modules = [*python_files("glif2", "pipelines", "bench"), *(p for p in (ROOT / "scripts").iterdir() if p.is_file()),
+               *ROOT.glob("*.py")]
+    missing = sorted(str(p.relative_to(ROOT)) for p in modules if str(p.relative_to(ROOT)) not in named)
+    assert not missing, f"README.md's Layout does not name {missing}"
+    assert not [name for name in named if not (ROOT / name).exists()], "README.md's Layout names missing paths"
+    # the parser reads the entries as written: a folder's files, a list of files, a file
+    sample = "## Layout\n\n```\na/b.py        x\nc/           d.py (e), f.sh\n             g.py\nh.py, i.py   j\n```\n"
+    assert layout_names(sample) == {"a/b.py", "c/", "c/d.py", "c/f.sh", "c/g.py", "h.py", "i.py"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -109,10 +193,15 @@ def test_no_function_over_80_lines():
 
 
 def test_scripts_import_the_package_never_another_script():
-    # A script named like a package shadows it for every script beside it (`python bench/x.py` puts bench/ first on
-    # sys.path): bench/pipelines.py once made `import pipelines` load itself.
+    # A script named like a module shadows it for every script beside it (`python bench/x.py` puts bench/ first on
+    # sys.path): bench/pipelines.py once made `import pipelines` load itself. So no file there is named like our
+    # packages, a standard-library module or an installed one (bench/peers.py is imported as a sibling).
     for folder in ("bench", "tests", "scripts"):
-        assert not [p for p in (ROOT / folder).glob("*.py") if p.stem in ("glif2", "pipelines")], folder
+        for p in (ROOT / folder).glob("*.py"):
+            assert p.stem not in ("glif2", "pipelines") and p.stem not in sys.stdlib_module_names, p
+            spec = importlib.util.find_spec(p.stem)
+            shadowed = spec is not None and not (spec.origin and ROOT in Path(spec.origin).parents)
+            assert not shadowed, f"{p.relative_to(ROOT)} shadows {spec.name} ({spec.origin})"
     for path in [*python_files("tests", "bench", "glif2", "pipelines"), ROOT / "train.py", ROOT / "eval.py"]:
         tree = ast.parse(path.read_text())
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

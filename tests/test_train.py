@@ -34,11 +34,12 @@ from torch._dynamo.utils import counters
 
 import glif2
 from glif2.checkpoint import load_checkpoint, save_checkpoint
+from glif2.errors import ConfigError
 from glif2.models.registry import list_models, register_model, unregister_model
-from glif2.neuron import GLIF
+from glif2.neuron import GATE_INIT_RANGE, GLIF
 from glif2.train import cli, evaluation, loop
 from glif2.train.cli import parse_args
-from glif2.train.config import PRESETS, TrainConfig
+from glif2.train.config import CHOICES, PRESETS, TrainConfig
 from glif2.train.loop import StopReason
 from glif2.train.optim import build_scheduler, param_groups
 from pipelines._common import TensorLoader
@@ -149,6 +150,42 @@ def test_schedules():
     dvs = lrs("cosine", 200, t_max=64)
     for e in (0, 64, 128, 168):  # docs/training.md §3.3: lr(e) = 0.005 (1 + cos(pi e / 64))
         assert dvs[e] == pytest.approx(0.005 * (1 + math.cos(math.pi * e / 64)), abs=1e-9)
+
+
+def test_every_config_choice_is_one_the_optimizer_takes():
+    """The config's param_groups and scheduler choices are the optimizer's own: each builds, and an unknown one is
+    refused naming them all."""
+    model = glif2.create_model("glifnet_small", 10, 2)
+    for mode in CHOICES["param_groups"]:
+        assert param_groups(model, lr=0.1, weight_decay=0.0, mode=mode)
+    for kind in CHOICES["scheduler"]:
+        if kind != "auto":  # resolved by the loop from tunable_lif
+            build_scheduler(torch.optim.SGD(model.parameters(), lr=0.1), kind=kind, epochs=4)
+    with pytest.raises(ValueError, match="choose one of " + ", ".join(CHOICES["param_groups"])):
+        param_groups(model, lr=0.1, weight_decay=0.0, mode="layers")
+    with pytest.raises(ValueError, match="choose one of " + ", ".join(CHOICES["scheduler"][1:])):
+        build_scheduler(torch.optim.SGD(model.parameters(), lr=0.1), kind="step", epochs=4)
+
+
+@pytest.mark.parametrize("g", [-0.5, -0.4999, 0.0, 1.4999, 1.5, 2.0])
+def test_config_and_neuron_take_the_same_gate_init(g):
+    """One range for both: the config refuses (ConfigError) exactly the gate_init values GLIF refuses (ValueError),
+    and GLIF's docstring and the --gate-init help state that range."""
+    gate_init = (0.6, g, 0.6)
+    try:
+        GLIF(2, 3, gate_init=gate_init)
+        neuron_error = None
+    except ValueError as err:
+        neuron_error = str(err)
+    if neuron_error is None:
+        assert TrainConfig.from_name("digits", gate_init=gate_init).gate_init == gate_init
+    else:
+        with pytest.raises(ConfigError) as err:
+            TrainConfig.from_name("digits", gate_init=gate_init)
+        assert str(err.value) == neuron_error
+    assert (neuron_error is None) == (GATE_INIT_RANGE[0] < g < GATE_INIT_RANGE[1])
+    stated = "g in ({}, {})".format(*GATE_INIT_RANGE)
+    assert stated in " ".join(cli.build_parser().format_help().split()) and stated in " ".join(GLIF.__doc__.split())
 
 
 # fail fast

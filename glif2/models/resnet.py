@@ -379,7 +379,7 @@ def resnet34(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in
 
 @register_model
 def resnet18ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
-    """ImageNet ResNet-18MS (membrane shortcut), stages [2, 2, 2, 2] all stride 2, §4.1. The released model
+    """ImageNet ResNet-18MS (membrane shortcut), stages [2, 2, 2, 2] all stride 2. The released model
     was trained with plain BN: load it with bn="plain". docs/networks.md §3.2."""
     return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
                    block=MSBlock, repeats=(2, 2, 2, 2), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),

@@ -22,7 +22,7 @@ from glif2.layers import TimeMerged, neuron_factory, norm_factory
 from glif2.memory.grid import SPIKES, Grid
 from glif2.memory.lean import Act, LeanModule, LeanSequential, link_grids, multiply, run_sequence
 from glif2.models.registry import register_model
-from glif2.neuron import randomize_gates
+from glif2.neuron import GATE_NAMES, randomize_gates
 
 CONNECTS = ("ADD", "AND", "IAND")
 # leak = v_th / (2 T) with the DVS code's T = 16, computed as it is there (not the rounded 0.0312497)
@@ -156,7 +156,7 @@ def sew7b_wide(num_classes: int, T: int, *, connect: str = "ADD", bn: str = "pla
         randomize_gates(model, dtype=dtype)
     else:  # keep the gate_init values, in the gate dtype
         for m in model.modules():
-            for name in ("alpha", "beta", "gamma"):
+            for name in GATE_NAMES:
                 p = getattr(m, name, None)
                 if isinstance(p, nn.Parameter) and p.dtype != dtype:
                     setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad))

@@ -25,8 +25,9 @@ from glif2.errors import ConfigError
 from glif2.layers import BN_KINDS
 from glif2.memory import MEMORY_MODES
 from glif2.models import list_models
-from glif2.neuron import GATE_INIT, GATE_MODES, PARAM_MODES, VARIANTS
+from glif2.neuron import GATE_INIT, GATE_MODES, PARAM_MODES, VARIANTS, check_gate_init
 from glif2.train.distributed import DEFAULT_TIMEOUT_S
+from glif2.train.optim import PARAM_GROUPS, SCHEDULERS
 from pipelines import BACKENDS, DATASETS
 
 # The allowed values of every choice field (validation and the command line's `--flag {a,b,...}` both read this).
@@ -38,8 +39,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "params": PARAM_MODES,
     "bn": BN_KINDS,
     "memory": MEMORY_MODES,
-    "param_groups": ("glif", "single"),
-    "scheduler": ("auto", "cosine", "soft-cosine"),
+    "param_groups": PARAM_GROUPS,
+    "scheduler": ("auto", *SCHEDULERS),
     "amp_dtype": ("bfloat16", "float16"),
     "compile": ("auto", *COMPILE_MODES),
     "device": ("auto", "cpu", "cuda"),
@@ -177,9 +178,10 @@ class TrainConfig:
         if self.gate_lr_divisor <= 0:
             raise ConfigError(f"gate_lr_divisor={self.gate_lr_divisor} must be positive (the gates learn at "
                               "lr / gate_lr_divisor)")
-        if len(self.gate_init) != 3 or not all(-0.5 < g < 1.5 for g in self.gate_init):
-            raise ConfigError(f"gate_init={tuple(self.gate_init)} must be three values in (-0.5, 1.5) for (alpha, "
-                              "beta, gamma)")
+        try:
+            check_gate_init(self.gate_init)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum={self.momentum} must lie in [0, 1)")
         if self.weight_decay < 0:

@@ -2,10 +2,11 @@
 
 Shape letters: b batch, k classes.
 
-Build order (S13): checks (before any work), data, model, compile, DDP, optimizer, loop. Rank 0 logs and saves the
-raw module (never the compiled or DDP wrapper). Outputs in the run folder (rank 0): last.pt (every epoch, on
-SIGTERM and at max_steps) and best.pt (best test top-1), written atomically; metrics.jsonl, glif_params.jsonl and
-tb/ (glif2.train.records); config.json, the resolved config.
+Build order, which is also the order this file reads in: checks (before any work, so a bad setting fails before
+anything is built or written), data, model, compile, DDP (it wraps the compiled module, which keeps DDP out of the
+graph), optimizer, loop. Rank 0 logs and saves the raw module (never the compiled or DDP wrapper). Outputs in the run
+folder (rank 0): last.pt (every epoch, on SIGTERM and at max_steps) and best.pt (best test top-1), written
+atomically; metrics.jsonl, glif_params.jsonl and tb/ (glif2.train.records); config.json, the resolved config.
 """
 
 import enum

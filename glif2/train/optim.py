@@ -1,8 +1,8 @@
 """The reference's optimisation (docs/training.md §2): SGD parameter groups by name, and its cosine schedules.
 
 Groups are chosen by the last component of a parameter's name:
-- gates ("choice"): alpha, beta, gamma;
-- neuron ("cal"): tau, v_th, leak, conduct, v_reset;
+- gates ("choice"): glif2.neuron.GATE_NAMES (the gate logits);
+- neuron ("cal"): glif2.neuron.NEURON_NAMES (the other GLIF logits);
 - other: conv, BN and linear weights (BN affine parameters do decay, as in the reference).
 
 | mode                | groups (lr, weight decay)                                                  |
@@ -18,8 +18,10 @@ from functools import partial
 import torch
 from torch import nn
 
-GATE_NAMES = ("alpha", "beta", "gamma")
-NEURON_NAMES = ("tau", "v_th", "leak", "conduct", "v_reset")
+from glif2.neuron import GATE_NAMES, NEURON_NAMES
+
+PARAM_GROUPS = ("glif", "single")  # the `mode` of param_groups
+SCHEDULERS = ("cosine", "soft-cosine")  # the `kind` of build_scheduler
 
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, mode: str = "glif", tunable_lif: bool = False,
@@ -28,7 +30,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, mode: str 
     if mode == "single":
         return [dict(name="all", params=[p for p in model.parameters()], lr=lr, weight_decay=weight_decay)]
     if mode != "glif":
-        raise ValueError(f"param_groups={mode!r}; choose 'glif' or 'single'")
+        raise ValueError(f"param_groups={mode!r}; choose one of {', '.join(PARAM_GROUPS)}")
     other, cal, choice = [], [], []
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
@@ -65,7 +67,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, kind: str, epochs: int,
     if kind == "soft-cosine":
         factors = [partial(soft_cosine_factor, t_max=t_max) for _ in optimizer.param_groups]
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-    raise ValueError(f"scheduler={kind!r}; choose 'cosine' or 'soft-cosine'")
+    raise ValueError(f"scheduler={kind!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
-__all__ = ["GATE_NAMES", "NEURON_NAMES", "build_optimizer", "build_scheduler", "param_groups", "soft_cosine_factor"]
+__all__ = ["PARAM_GROUPS", "SCHEDULERS", "build_optimizer", "build_scheduler", "param_groups", "soft_cosine_factor"]

@@ -1,7 +1,10 @@
 """SpikingJelly's GatedLIFNode, the peer the benchmarks measure glif2 against: the same GLIF equations, run as a
 plain multi-step PyTorch loop with a membrane kept on the module (docs/neuron.md §10).
 
-Needs spikingjelly (installed --no-deps by the Makefile). Only the gated, soft-gate GLIF has a counterpart.
+The benchmarks import this file as a sibling module (`python bench/x.py` puts bench/ first on sys.path). It needs
+spikingjelly (installed --no-deps by the Makefile), which is imported only inside the functions: a benchmark asks
+`missing()` first and skips the peer with one line when it cannot run. Only the gated, soft-gate GLIF has a
+counterpart.
 """
 
 from torch import nn
@@ -11,6 +14,16 @@ from glif2.neuron import GLIF
 
 # glif2's parameter names -> GatedLIFNode's (the others, alpha beta gamma tau conduct, are the same)
 SJ_NAMES = {"v_th": "v_threshold", "leak": "linear_decay", "v_reset": "v_subreset"}
+
+
+def missing() -> str | None:
+    """None when GatedLIFNode can run here, else the line a benchmark prints to skip it. The import is tried, not just
+    looked up: spikingjelly is installed without its dependencies, so a missing one (loguru) shows only on import."""
+    try:
+        from spikingjelly.activation_based import functional, neuron, surrogate  # noqa: F401
+    except ImportError as err:
+        return f"spikingjelly not installed: SJ skipped ({err}; pip install --no-deps spikingjelly==2.0.0 loguru)"
+    return None
 
 
 def gated_lif_node(glif: GLIF) -> nn.Module:
@@ -42,4 +55,4 @@ def reset(model: nn.Module) -> None:
     functional.reset_net(model)
 
 
-__all__ = ["SJ_NAMES", "gated_lif_node", "reset", "with_gated_lif_nodes"]
+__all__ = ["SJ_NAMES", "gated_lif_node", "missing", "reset", "with_gated_lif_nodes"]
