@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import glif2
 from glif2.compile import compile_model
 from glif2.memory import neuron_steps, saved_activation_bytes
-from glif2.train.loop import Objective
+from glif2.train.setup import Objective
 from pipelines import DATASETS
 
 NETS = {  # model: (dataset (its classes and input shape), T, batch on CPU, batch on CUDA)

@@ -64,7 +64,7 @@ class PeakRSS:
 def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps: int) -> dict:
     from glif2 import create_model
     from glif2.compile import compile_model
-    from glif2.train.loop import Objective
+    from glif2.train.setup import Objective
 
     torch.manual_seed(0)
     dev = torch.device(device)

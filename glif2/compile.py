@@ -18,8 +18,13 @@ residual block, its head) through one shared compiled function, so blocks of the
 """
 
 import functools
+import hashlib
+import json
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import einops
 import torch
@@ -179,5 +184,63 @@ def compile_scope(model: nn.Module, scope: str, mode: str = "default") -> nn.Mod
     return model
 
 
-__all__ = ["COMPILE_MODES", "COMPILE_SCOPES", "DYNAMO_LIMITS", "compile_kernel", "compile_model", "compile_regions",
-           "compile_scope", "eager_kernels", "kernels_are_eager", "regions", "scoped", "uncompile_regions"]
+# the portable compile cache
+
+
+CACHE_FORMAT = "glif2-compile-cache/1"
+
+
+def cache_key(device: torch.device) -> dict[str, str]:
+    """What saved compile artifacts must match to be loaded: this file format, the torch and Python versions and
+    the device kind. Within a file, inductor keys each graph by its own content (code, shapes, dtypes, settings), so
+    a graph that differs is simply compiled afresh."""
+    import platform
+
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    return {"format": CACHE_FORMAT, "torch": torch.__version__, "python": platform.python_version(), "device": kind}
+
+
+def save_compile_cache(path: str | os.PathLike, device: torch.device) -> bool:
+    """Writes every compile artifact this process made (torch.compiler.save_cache_artifacts) to `path`, atomically:
+    a JSON header line (cache_key, a sha256 of the payload) then the payload. Returns False when there is nothing
+    to save."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None or not saved[0]:
+        return False
+    payload = saved[0]
+    header = {**cache_key(device), "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(json.dumps(header).encode() + b"\n" + payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def load_compile_cache(path: str | os.PathLike, device: torch.device) -> bool:
+    """Loads compile artifacts saved by `save_compile_cache`, so that the graphs they hold compile from them instead
+    of from scratch. A file that is damaged, of another format, or made by another torch, Python or device kind is
+    ignored with a one-line warning, never an error. Returns whether it was loaded."""
+    try:
+        blob = Path(path).read_bytes()
+        head, _, payload = blob.partition(b"\n")
+        header = json.loads(head)
+        want = cache_key(device)
+        if not isinstance(header, dict) or {k: header.get(k) for k in want} != want:
+            got = header if isinstance(header, dict) else {}
+            reason = "; ".join(f"{k} {got.get(k)!r}, here {v!r}" for k, v in want.items() if got.get(k) != v)
+            raise ValueError(f"made elsewhere ({reason})")
+        if len(payload) != header.get("bytes") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise ValueError("damaged (its checksum does not match)")
+        torch.compiler.load_cache_artifacts(payload)
+    except Exception as err:  # any failure only costs the compile time it would have saved
+        warnings.warn(f"compile cache {path} ignored: {err}", stacklevel=2)
+        return False
+    return True
+
+
+__all__ = ["CACHE_FORMAT", "COMPILE_MODES", "COMPILE_SCOPES", "DYNAMO_LIMITS", "cache_key", "compile_kernel",
+           "compile_model", "compile_regions", "compile_scope", "eager_kernels", "kernels_are_eager",
+           "load_compile_cache", "regions", "save_compile_cache", "scoped", "uncompile_regions"]

@@ -14,7 +14,7 @@ from torch._inductor.utils import run_and_get_code
 import glif2
 from glif2 import GLIF, TimeMerged, tdBatchNorm
 from glif2.compile import eager_kernels, kernels_are_eager
-from glif2.neuron import GLIFCoeffs, GLIFFunction, fused_backward, fused_forward
+from glif2.kernels import GLIFCoeffs, GLIFFunction, fused_backward, fused_forward
 
 
 def small_net() -> nn.Module:

@@ -23,7 +23,7 @@ import glif2
 from glif2 import convert
 from glif2.checkpoint import load_checkpoint, save_checkpoint
 from glif2.errors import CheckpointError, ConfigError
-from glif2.train import cli, loop
+from glif2.train import cli, loop, setup
 from glif2.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
@@ -337,16 +337,16 @@ def test_runs_never_overwrite_each_other(tmp_path, capsys):
 def test_models_take_their_input_layer_from_the_dataset():
     """Input channels (digits 1, CIFAR and ImageNet 3, CIFAR10-DVS 2) and, for the fixed-resolution heads, the input
     side come from the dataset table; a model of event frames is refused on images, and the reverse, naming both."""
-    options = {ds: loop.model_options(TrainConfig.from_name("digits", dataset=ds, model="cifarnet"))
+    options = {ds: setup.model_options(TrainConfig.from_name("digits", dataset=ds, model="cifarnet"))
                for ds in ("digits", "cifar10", "imagenet")}
     assert [options[ds]["in_channels"] for ds in options] == [1, 3, 3]
     assert [options[ds]["input_size"] for ds in options] == [8, 32, 224]
-    assert loop.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="sew7b_wide"))[
+    assert setup.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="sew7b_wide"))[
         "in_channels"] == 2
     with pytest.raises(ConfigError, match="sew7b_wide takes event frames .* cifar10 gives images"):
-        loop.model_options(TrainConfig.from_name("digits", dataset="cifar10", model="sew7b_wide"))
+        setup.model_options(TrainConfig.from_name("digits", dataset="cifar10", model="sew7b_wide"))
     with pytest.raises(ConfigError, match="resnet19 takes images .* cifar10dvs gives event frames"):
-        loop.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="resnet19"))
+        setup.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="resnet19"))
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh_in_the_same_folder(tmp_path):

@@ -20,11 +20,11 @@ import glif2
 import glif2.memory.fused
 from glif2.compile import compile_model, compile_regions, eager_kernels
 from glif2.layers import TimeMerged, tdBatchNorm
+from glif2.memory.fused import BranchGrads, BranchSpec, NeuronSpec, SavedBranch, UnitSpec, flatten, parse, unflatten
 from glif2.memory.grid import SPIKES, Encoding, Grid, pack, unpack
 from glif2.memory.lean import LeanModule, LeanSequential, active_mode, set_memory
 from glif2.memory.measure import neuron_steps, saved_activation_bytes
 from glif2.memory.saving import ConvSpec
-from glif2.memory.fused import BranchGrads, BranchSpec, NeuronSpec, SavedBranch, UnitSpec, flatten, parse, unflatten
 from glif2.neuron import GLIF
 
 pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels run eagerly unless a test turns them back on
@@ -396,7 +396,7 @@ def test_cuda_matches_the_plain_path_with_cudnn_and_compiled_kernels(mode):
 def _train_steps(scope: str, compile_mode: str, steps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(first-step gradients, final parameters) of `steps` SGD steps of the lean ResNet-19 on CUDA, compiled as
     train.py does it."""
-    from glif2.train.loop import Objective
+    from glif2.train.setup import Objective
 
     model, x, y = _build("resnet19", "lean")
     model, x, y = model.cuda(), x.detach().cuda(), y.cuda()

@@ -37,7 +37,7 @@ from glif2.checkpoint import load_checkpoint, save_checkpoint
 from glif2.errors import ConfigError
 from glif2.models.registry import list_models, register_model, unregister_model
 from glif2.neuron import GATE_INIT_RANGE, GLIF
-from glif2.train import cli, evaluation, loop
+from glif2.train import cli, evaluation, setup
 from glif2.train.cli import parse_args
 from glif2.train.config import CHOICES, PRESETS, TrainConfig
 from glif2.train.loop import StopReason
@@ -102,9 +102,9 @@ def test_presets_cover_the_reference_runs():
     assert (r18.epochs, r18.batch_size, r18.lr, r18.weight_decay) == (200, 64, 0.1, 4e-5)
     assert r18.randomgate and r18.tunable_lif and r18.gate_lr_divisor == 10 and r18.gate_mode == "soft"
     imnet = TrainConfig.from_name("imagenet-resnet18ms-t6")
-    assert imnet.gate_lr_divisor == 1 and imnet.sync_bn and loop.model_options(imnet)["bn"] == "plain"
+    assert imnet.gate_lr_divisor == 1 and imnet.sync_bn and setup.model_options(imnet)["bn"] == "plain"
     dvs = TrainConfig.from_name("cifar10dvs-sew7b-t16")
-    assert loop.model_options(dvs)["bn"] == "plain" and not dvs.randomgate  # the model draws its float64 gates itself
+    assert setup.model_options(dvs)["bn"] == "plain" and not dvs.randomgate  # the model draws its float64 gates itself
     assert (dvs.param_groups, dvs.weight_decay, dvs.t_max, dvs.epochs, dvs.lr, dvs.amp) == ("single", 0.0, 64, 200,
                                                                                              0.01, True)
 
@@ -304,13 +304,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
     run(tmp_path, "--epochs", "1")
     last = tmp_path / "r" / "last.pt"
     before = last.read_bytes()
-    forward = loop.Objective.forward
+    forward = setup.Objective.forward
 
     def poisoned(self, x, y):
         loss, logits = forward(self, x, y)
         return loss * float("nan"), logits
 
-    monkeypatch.setattr(loop.Objective, "forward", poisoned)
+    monkeypatch.setattr(setup.Objective, "forward", poisoned)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--epochs", "2", "--resume", "auto")
     assert e.value.code == 1
@@ -461,7 +461,7 @@ def test_default_run_as_shipped_reaches_accuracy_and_eval_agrees(tmp_path):
     assert not counters["graph_break"], dict(counters["graph_break"])
     # two graphs of model + loss: training, and evaluation without grad; a recompile (e.g. one per epoch or per step)
     # adds more. (The lean unit's GLIF and packing kernels are compiled graphs of their own, one per layer shape.)
-    assert len(_debug_get_cache_entry_list(loop.Objective.forward.__code__)) == 2
+    assert len(_debug_get_cache_entry_list(setup.Objective.forward.__code__)) == 2
     assert result["best_acc"] >= 85.0
     best = tmp_path / "digits" / "best.pt"
     epoch = {r["epoch"]: r for r in records(tmp_path / "digits")}[load_checkpoint(best)["epoch"]]
@@ -488,7 +488,7 @@ def test_amp_bf16_on_cpu(tmp_path, monkeypatch):
                     "--name", "amp"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     # training and evaluation, plus one recompile when the recorder's set first grows: never one per step
-    assert len(_debug_get_cache_entry_list(loop.Objective.forward.__code__)) <= 3
+    assert len(_debug_get_cache_entry_list(setup.Objective.forward.__code__)) <= 3
     training = {(autocast, dtype) for grad, autocast, dtype in seen if grad}
     assert training == {(True, torch.bfloat16)}  # every GLIF layer gets bf16 from conv + BN under autocast
     # evaluation (no grad) autocasts too, and tdBN's evaluation keeps the bf16 of its input

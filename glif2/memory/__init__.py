@@ -26,6 +26,7 @@ The submodules, each owning one thing:
 - measure: bytes kept and neuron-steps, for bench/ and the tests.
 """
 
+from glif2.memory.fused import unit
 from glif2.memory.grid import SPIKES, Grid
 from glif2.memory.lean import (
     MEMORY_MODES,
@@ -44,7 +45,6 @@ from glif2.memory.lean import (
     run_sequence,
     set_memory,
 )
-from glif2.memory.fused import unit
 
 __all__ = ["MEMORY_MODES", "SPIKES", "Act", "Grid", "LeanModule", "LeanSequential", "bn_branch", "conv_bn_plain",
            "conv_bn_spike", "conv_branch", "link_grids", "linear", "memory_mode", "multiply", "pool", "run_sequence",

@@ -29,11 +29,12 @@ from einops import rearrange
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from glif2.kernels import GLIFCoeffs, fused_backward_kernel, fused_forward_kernel
 from glif2.layers import merge_time, split_time
 from glif2.memory.batchnorm import batch_norm_train, bn_apply, bn_backward, bn_parts, resolve_group, sync_group_name
 from glif2.memory.grid import Encoding, decode
 from glif2.memory.saving import ConvSpec, conv_backward
-from glif2.neuron import GLIF, GLIFCoeffs, fused_backward_kernel, fused_forward_kernel
+from glif2.neuron import GLIF
 
 # layouts
 
@@ -64,13 +65,13 @@ class UnitSpec(NamedTuple):
     neuron: NeuronSpec | None  # None: the unit returns the BN sum itself (no neuron follows)
 
     def encode(self) -> str:
-        return json.dumps(self)  # NamedTuples are tuples: nested lists in a fixed field order
+        return _text(self)
 
 
 @functools.lru_cache(maxsize=1024)
 def parse(text: str) -> UnitSpec:
     """The UnitSpec `encode` wrote (each unit's text is the same every step: parsed once; read-only)."""
-    branches, neuron = json.loads(text)
+    branches, neuron = json.loads(text.replace("'", '"'))
     typed = []
     for encoding, conv, eps, group, shape, dtype in branches:
         conv = ConvSpec(tuple(conv[0]), tuple(conv[1]), tuple(conv[2]), conv[3]) if conv is not None else None
@@ -257,11 +258,18 @@ def _plain(value):
     return tuple(_plain(v) for v in value) if isinstance(value, tuple) else value
 
 
+def _text(spec: tuple) -> str:
+    # JSON (NamedTuples are tuples: nested lists in a fixed field order) with single quotes: the text is pasted into
+    # generated code as a string literal (inductor's C++ wrapper does not escape double quotes). No value of a spec
+    # holds a quote.
+    return json.dumps(spec).replace('"', "'")
+
+
 @torch.compiler.assume_constant_result
 def _encode(plain: tuple) -> str:
     # UnitSpec.encode of the plain tuples (the same text); computed once per trace under torch.compile, where the
     # text is a constant of the graph
-    return json.dumps(plain)
+    return _text(plain)
 
 
 def unit(branches: list[Branch], neuron: GLIF | None, t: int) -> Tensor:

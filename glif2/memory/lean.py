@@ -18,9 +18,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
 from glif2.layers import merge_time, split_time
+from glif2.memory.fused import Branch, unit
 from glif2.memory.grid import SPIKES, Encoding, Grid, pack_kernel
 from glif2.memory.saving import AvgPoolNoSave, ConvSpec, GridMul, PackedConv, PackedLinear, PoolSpec
-from glif2.memory.fused import Branch, unit
 from glif2.neuron import GLIF
 
 MEMORY_MODES = ("lean", "recompute", "off")

@@ -16,6 +16,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from glif2.layers import TimeMerged, merge_time, neuron_factory, norm_factory, split_time
+from glif2.memory.fused import Branch, unit
 from glif2.memory.grid import SPIKES, Grid
 from glif2.memory.lean import (
     Act,
@@ -28,7 +29,6 @@ from glif2.memory.lean import (
     linear,
     link_grids,
 )
-from glif2.memory.fused import Branch, unit
 from glif2.models.registry import register_model
 
 SQRT1_2 = 1.0 / math.sqrt(2.0)  # the tdBN scale of every residual sum's two inputs

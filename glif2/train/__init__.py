@@ -7,6 +7,7 @@ run's records. The library core (glif2's other modules) never imports it.
 
 from glif2.train.config import PRESETS, TrainConfig
 from glif2.train.evaluation import evaluate, evaluate_model
-from glif2.train.loop import Objective, StopReason, train
+from glif2.train.loop import StopReason, train
+from glif2.train.setup import Objective
 
 __all__ = ["PRESETS", "Objective", "StopReason", "TrainConfig", "evaluate", "evaluate_model", "train"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from glif2.checkpoint import CHECKPOINT_SUFFIXES
-from glif2.compile import COMPILE_MODES
+from glif2.compile import COMPILE_MODES, COMPILE_SCOPES
 from glif2.errors import ConfigError
 from glif2.layers import BN_KINDS
 from glif2.memory import MEMORY_MODES
@@ -42,7 +42,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "param_groups": PARAM_GROUPS,
     "scheduler": ("auto", *SCHEDULERS),
     "amp_dtype": ("bfloat16", "float16"),
-    "compile": ("auto", *COMPILE_MODES),
+    "compile": COMPILE_SCOPES,
+    "compile_mode": ("auto", *(m for m in COMPILE_MODES if m != "none")),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -52,6 +53,9 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {**CHOICES, "model": tuple(list_models())}
 # Fields renamed since checkpoints were first written: old name -> new name (configs stored under the old name load).
 RENAMED = {"gates": "gate_mode"}
+# Stored `compile` values from before compile scopes (the field then held the mode): value -> (scope, mode).
+OLD_COMPILE = {"auto": ("model", "auto"), "default": ("model", "default"), "max-autotune": ("model", "max-autotune"),
+               "reduce-overhead": ("model", "reduce-overhead")}
 
 
 @dataclass(kw_only=True)
@@ -123,9 +127,15 @@ class TrainConfig:
     sync_bn: bool = False
     """SyncBatchNorm across ranks. It makes every BN plain (no tdBN alpha*V_th scale, docs/training.md §6): the model
     is then built with bn=plain so that its checkpoint says what was trained."""
-    compile: str = "auto"
-    """auto (reduce-overhead, i.e. CUDA graphs, on CUDA; default on CPU), none, default, max-autotune,
+    compile: str = "regional"
+    """What torch.compile compiles (docs/performance.md §7): regional (each block once per distinct shape: the first
+    step within seconds), model (the whole model and loss as one graph), none (only the fused GLIF kernels)."""
+    compile_mode: str = "auto"
+    """Inductor's mode: auto (reduce-overhead, i.e. CUDA graphs, on CUDA; default on CPU), default, max-autotune,
     reduce-overhead."""
+    compile_cache: str = ""
+    """Compile artifacts to load before compiling: "" (the run folder's compile_cache.bin when present), a file
+    (e.g. another run's, with the same shapes), or "off". The run folder's file is written after the first epoch."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is present, else cpu), cpu or cuda."""
     dist_timeout: int = DEFAULT_TIMEOUT_S
@@ -188,6 +198,9 @@ class TrainConfig:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        if self.compile == "none" and self.compile_mode not in ("auto", "default"):
+            raise ConfigError(f"compile_mode={self.compile_mode!r} with compile=none: nothing would be compiled; "
+                              "pass --compile regional or --compile model")
         if self.resume not in ("", "auto") and not self.resume.endswith(CHECKPOINT_SUFFIXES):
             raise ConfigError(f"resume={self.resume!r}: '' (fresh), 'auto', or a checkpoint file "
                               f"({', '.join(CHECKPOINT_SUFFIXES)})")
@@ -200,6 +213,8 @@ class TrainConfig:
         """A config from a stored dict (a checkpoint's `config`); renamed fields are read under their new names,
         fields this version does not know are ignored."""
         values = {RENAMED.get(k, k): v for k, v in values.items()}
+        if values.get("compile") in OLD_COMPILE:  # before compile scopes: the field held inductor's mode
+            values["compile"], values["compile_mode"] = OLD_COMPILE[values["compile"]]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -242,4 +257,4 @@ PRESETS["cifar10dvs-sew7b-t16"] = dict(dataset="cifar10dvs", model="sew7b_wide",
 DEFAULT_PRESET = "digits"
 
 
-__all__ = ["CHOICES", "DEFAULT_PRESET", "PRESETS", "RENAMED", "TrainConfig", "choices"]
+__all__ = ["CHOICES", "DEFAULT_PRESET", "OLD_COMPILE", "PRESETS", "RENAMED", "TrainConfig", "choices"]
