@@ -1,5 +1,6 @@
-"""NIR export: a glif2 network as a graph of the Neuromorphic Intermediate Representation (the `nir` package), which
-snnTorch, Norse, SpikingJelly, Sinabs, Rockpool, Lava and SpiNNaker2 read.
+"""NIR export: a glif2 network as a graph of the Neuromorphic Intermediate Representation (the `nir` package).
+
+NIR is the exchange format that snnTorch, Norse, SpikingJelly, Sinabs, Rockpool, Lava and SpiNNaker2 read.
 
     python -m glif2.export runs/digits/best.pt --nir digits.nir
     python -m glif2.export resCifar19-CIFAR10-step4-CW.pth.tar --nir r19.nir --approximate
