@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test,dali,dvs,train,plot]'
+	$(PY) -m pip install --quiet -e '.[test,dali,dvs,train,plot,export]'
 	$(PY) -m pip install --quiet --no-deps spikingjelly==2.0.0
 	touch $@
 

@@ -11,4 +11,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
 
 
-__all__ = ["CheckpointError", "ConfigError"]
+class ExportError(ValueError):
+    """A network that an exchange format cannot express: each layer named with what is not expressible."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "ExportError"]
