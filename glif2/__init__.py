@@ -6,6 +6,7 @@ GLIF code needs where it compiles). The training application lives in glif2.trai
 
 from glif2.analysis import FiringRates, firing_rates, glif_layers
 from glif2.checkpoint import load_checkpoint, load_model, load_reference_checkpoint, save_checkpoint
+from glif2.cost import CostCounter
 from glif2.errors import CheckpointError, ConfigError
 from glif2.layers import TimeMerged, merge_time, split_time, tdBatchNorm
 from glif2.models import create_model, list_models, register_model
@@ -16,6 +17,7 @@ from glif2.surrogate import SURROGATES, spike
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "CostCounter",
     "FiringRates",
     "GLIF",
     "GLIFCoeffs",

@@ -21,6 +21,7 @@ from typing import Any
 
 from glif2.checkpoint import CHECKPOINT_SUFFIXES
 from glif2.compile import COMPILE_MODES
+from glif2.cost import E_AC, E_MAC, check_energies
 from glif2.errors import ConfigError
 from glif2.layers import BN_KINDS
 from glif2.memory import MEMORY_MODES
@@ -147,6 +148,13 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many optimizer steps in total; 0: no limit."""
     tensorboard: bool = True
     """Write TensorBoard scalars to <run>/tb (needs the `train` extra)."""
+    report: bool = False
+    """Count the test pass's firing rate, synaptic operations, MACs and energy per sample after every epoch, into
+    metrics.jsonl and TensorBoard (the test pass then runs the uncompiled model; docs/performance.md §6)."""
+    e_ac: float = E_AC
+    """pJ per accumulate for --report's energy (45 nm, 32-bit float)."""
+    e_mac: float = E_MAC
+    """pJ per multiply-accumulate for --report's energy (45 nm, 32-bit float)."""
 
     def __post_init__(self) -> None:
         self.gate_init = tuple(self.gate_init)  # a list when read from JSON or the command line
@@ -186,6 +194,7 @@ class TrainConfig:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        check_energies(self.e_ac, self.e_mac)
         if self.resume not in ("", "auto") and not self.resume.endswith(CHECKPOINT_SUFFIXES):
             raise ConfigError(f"resume={self.resume!r}: '' (fresh), 'auto', or a checkpoint file "
                               f"({', '.join(CHECKPOINT_SUFFIXES)})")
