@@ -7,6 +7,7 @@ GLIF code needs where it compiles). The training application lives in glif2.trai
 from glif2.analysis import FiringRates, firing_rates, glif_layers
 from glif2.checkpoint import load_checkpoint, load_model, load_reference_checkpoint, save_checkpoint
 from glif2.compile import eager_kernels
+from glif2.cost import CostCounter
 from glif2.errors import CheckpointError, ConfigError, ExportError
 from glif2.kernels import GLIFCoeffs, GLIFFunction, GLIFState, glif_step
 from glif2.layers import TimeMerged, merge_time, split_time, tdBatchNorm
@@ -18,6 +19,7 @@ from glif2.surrogate import SURROGATES, spike
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "CostCounter",
     "ExportError",
     "FiringRates",
     "GLIF",

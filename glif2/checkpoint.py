@@ -9,6 +9,7 @@ everything that did not fit.
 """
 
 import argparse
+import logging
 import os
 import pickle
 import random
@@ -30,6 +31,7 @@ from glif2.neuron import rename_deprecated
 from glif2.released import clean_state_dict
 
 VERSION = 1
+log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".ckpt")  # what eval.py picks up in a folder and --resume accepts
 
 
@@ -288,11 +290,13 @@ def load_reference_checkpoint(
 ) -> nn.Module:
     """Loads one of the paper's released files (or a file in their format) into a ready model.
 
-    arch, num_classes and T default to the released-file table when the name is one of the authors' files
-    (`resCifar19-CIFAR100-step4-CW.pth.tar` -> resnet19, 100, 4), else to what the tensors say; given explicitly
-    they win, and a mismatch with the file raises CheckpointError listing the missing, unexpected and wrongly
-    shaped keys and the values to pass. `options` go to create_model (e.g. `memory="off"`); the
-    neuron form, BN kind (plain for the ImageNet file), head and DVS gate dtype come from the file.
+    arch, num_classes and T come from the tensors (key layout, the classifier's rows, conduct's shape); the
+    released-file table, by file name (`resCifar19-CIFAR100-step4-CW.pth.tar` -> resnet19, 100, 4), fills in what
+    they leave open, and where they contradict the name they win with a one-line warning on this module's logger
+    (docs/networks.md §8.2). Given explicitly, arch, num_classes and T win, and a mismatch with the file raises
+    CheckpointError listing the missing, unexpected and wrongly shaped keys and the values to pass. `options` go
+    to create_model (e.g. `memory="off"`); the neuron form, BN kind (plain for the ImageNet file),
+    head and DVS gate dtype come from the file.
     """
     return _load_reference(path, load_checkpoint(path), arch=arch, num_classes=num_classes, T=T, **options)
 
@@ -302,7 +306,7 @@ def _load_reference(path, ckpt, arch=None, num_classes=None, T=None, **options) 
         sd = released.reference_state_dict(ckpt)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    found = released.resolve(path, sd, arch, num_classes, T)
+    found = released.resolve(path, sd, arch, num_classes, T, given=options)
     arch, num_classes, T = found["arch"], found["num_classes"], found["T"]
     model = create_model(arch, num_classes, T, **{**found["options"], **options})
     strict_load(
@@ -318,7 +322,10 @@ def _load_reference(path, ckpt, arch=None, num_classes=None, T=None, **options) 
         "dataset": found["dataset"],
         **{k: ckpt[k] for k in ("epoch",) if k in ckpt},
         **({"best_acc": ckpt["max_test_acc"]} if "max_test_acc" in ckpt else {}),
+        "note": found["note"],
     }
+    if found["note"]:  # loaded, but not as the file name says: one line (logging's default handler prints it)
+        log.warning(found["note"])
     return model
 
 

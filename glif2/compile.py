@@ -165,11 +165,20 @@ def compile_regions(model: nn.Module, mode: str = "default") -> nn.Module:
     return model
 
 
-def uncompile_regions(model: nn.Module) -> nn.Module:
-    """Undo `compile_regions`: every region runs its own forward again."""
-    for region in regions(model):
-        region.__dict__.pop("forward", None)
-    return model
+@contextmanager
+def regions_uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block the regions of a model compiled by `compile_regions` run their own (uncompiled) forward, e.g.
+    for a pass that must call hooks; on exit they run compiled again (the graphs already made are reused). A model
+    whose regions are not compiled is left as it is."""
+    compiled = {}
+    for region in getattr(model, "regions", list)():
+        if "forward" in region.__dict__:
+            compiled[region] = region.__dict__.pop("forward")
+    try:
+        yield model
+    finally:
+        for region, forward in compiled.items():
+            region.forward = forward
 
 
 def compile_scope(model: nn.Module, scope: str, mode: str = "default") -> nn.Module:
@@ -243,4 +252,4 @@ def load_compile_cache(path: str | os.PathLike, device: torch.device) -> bool:
 
 __all__ = ["CACHE_FORMAT", "COMPILE_MODES", "COMPILE_SCOPES", "DYNAMO_LIMITS", "cache_key", "compile_kernel",
            "compile_model", "compile_regions", "compile_scope", "eager_kernels", "kernels_are_eager",
-           "load_compile_cache", "regions", "save_compile_cache", "scoped", "uncompile_regions"]
+           "load_compile_cache", "regions", "regions_uncompiled", "save_compile_cache", "scoped"]

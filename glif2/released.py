@@ -1,5 +1,6 @@
 """The authors' released checkpoints: one table of their files, the key map from their names to ours, and the
-shape inference used only for files the table does not know. docs/networks.md §7-§8.
+shape inference that reads what a file holds (the table, by file name, is the default for what the tensors leave
+open). docs/networks.md §7-§8.
 
 Shape letters: t steps, c channels, k classes.
 
@@ -11,6 +12,7 @@ key that does not fit) is `glif2.checkpoint.load_reference_checkpoint`.
 
 import re
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,8 +113,8 @@ def reference_state_dict(ckpt: dict[str, Any]) -> "OrderedDict[str, Tensor]":
 
 
 def infer_from_shapes(sd: dict[str, Tensor]) -> dict[str, Any]:
-    """arch, num_classes, T and the model options that change keys or shapes, read off the tensors (the fallback
-    for files the table does not know)."""
+    """arch, num_classes, T and the model options that change keys or shapes, read off the tensors (a key is left
+    out when they do not tell)."""
     found: dict[str, Any] = {}
     options: dict[str, Any] = {}
     conduct = next((k for k in sd if k.endswith(".conduct")), None)
@@ -155,17 +157,26 @@ def infer_from_shapes(sd: dict[str, Tensor]) -> dict[str, Any]:
     return found
 
 
-def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, num_classes: int | None = None,
-            T: int | None = None) -> dict[str, Any]:
-    """What to build for a reference state dict: {arch, num_classes, T, options, dataset, says}.
+# Where the tensors say what the file holds, for the note when they contradict its name.
+_WHERE = {"arch": "the key layout", "num_classes": "the classifier's rows", "T": "conduct's shape",
+          "bn": "the BN buffers", "gate_dtype": "the gates' dtype"}
 
-    Explicit arguments win; then the released-file table, when the file name is one of its stems; the tensor
-    shapes are the fallback for files it does not know (and supply the options the table does not fix: neuron
-    form, head, input channels). `says` describes what the tensors look like, for error messages.
+
+def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, num_classes: int | None = None,
+            T: int | None = None, given: Collection[str] = ()) -> dict[str, Any]:
+    """What to build for a reference state dict: {arch, num_classes, T, options, dataset, says, note}.
+
+    Explicit arguments win (arch, num_classes, T, and the model options named in `given`, which the caller sets
+    itself). Otherwise the tensors decide what they show (the architecture when their keys are a registered network's
+    layout, conduct's T, the classifier's classes, BN kind, neuron form, input channels, gate dtype), and the
+    released-file table, picked by the file name, fills in the rest: the name is a default, never an override
+    (docs/networks.md §8.2). `note` is one line naming what the tensors decided against the name (None when they
+    agree); `says` describes the tensors, for error messages.
     """
     table = released_file(path)
     by_shape = infer_from_shapes(sd)
-    inferred = {k: getattr(table, k) if table else by_shape.get(k) for k in ("arch", "num_classes", "T")}
+    named = {"arch": table.arch, "num_classes": table.num_classes, "T": table.T} if table else {}
+    inferred = {k: by_shape[k] if by_shape.get(k) is not None else named.get(k) for k in ("arch", "num_classes", "T")}
     chosen = {"arch": arch or inferred["arch"], "num_classes": num_classes or inferred["num_classes"],
               "T": T or inferred["T"]}
     if None in chosen.values():
@@ -176,12 +187,21 @@ def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, nu
     options = dict(by_shape["options"])
     if chosen["arch"] != by_shape.get("arch"):  # options read off another architecture's tensors do not apply
         options = {k: v for k, v in options.items() if k in ("channel_wise", "variant", "bn")}
-    if table and table.arch == chosen["arch"]:
-        options.update(bn=table.bn, **table.options)
+    table_fits = table is not None and table.arch == chosen["arch"]
+    if table_fits:
+        named.update(bn=table.bn, **table.options)
+        options = {"bn": table.bn, **table.options, **options}  # the tensors' word over the table's
+    # Whatever is built unlike the name and was not asked for explicitly came from the tensors.
+    explicit = {k for k, v in {"arch": arch, "num_classes": num_classes, "T": T}.items() if v} | set(given)
+    built = {**chosen, **options}
+    overruled = [k for k, v in named.items() if k not in explicit and built.get(k, v) != v]
+    said = [f"{k}={built[k]!r} from {_WHERE.get(k, 'the tensors')} (the name suggests {named[k]!r})" for k in overruled]
+    note = f"{Path(path).name}: " + "; ".join(said) if said else None
     shapes = {**{k: by_shape.get(k) for k in ("arch", "num_classes", "T")}, **by_shape["options"]}
     says = ", ".join(f"{k}={v!r}" for k, v in shapes.items() if v is not None)
-    dataset = table.dataset if table and table.arch == chosen["arch"] else None
-    return {**chosen, "options": options, "dataset": dataset, "says": says}
+    same_data = table_fits and table.num_classes == chosen["num_classes"]
+    return {**chosen, "options": options, "dataset": table.dataset if same_data else None, "says": says,
+            "note": note}
 
 
 __all__ = ["REFERENCE_KEYS", "RELEASED", "ReleasedFile", "clean_state_dict", "infer_from_shapes",

@@ -17,12 +17,15 @@ Confirm on real data before trusting accuracies (docs/dvs.md §8.3: sweep the ma
 
 Split: classes alphabetical, files sorted by name (lexicographic, SpikingJelly's DatasetFolder order); per class
 the first ceil(0.9 n_c) files train, the rest test (900/100 with the full data). Frames are cached once on disk as
-compressed uint8/uint16 `.npz` under `<cache_dir>/frames_number_{T}_split_by_number_{remap}/<class>/<stem>.npz`.
-Entries are written atomically (temporary file + rename) and checked on every read: the ZIP member's CRC-32, which
-the format already stores and `zipfile` verifies when it reads a whole member (so no checksum of our own), plus the
-member name, shape `t 2 128 128` and dtype. That costs a CRC over ~0.5 MB next to the decompression we do anyway,
-and catches truncated, hand-edited or half-written (crash before the data reached the disk) entries; a damaged entry
-is rebuilt from the events with a warning. No fsync per entry: the check repairs what a crash leaves behind.
+compressed uint8/uint16 `.npz` under `<cache_dir>/<folder>/<class>/<stem>-<bytes>.npz`, the folder named by a hash
+of everything that shapes a frame (`frame_key`: T, the binning rule, the sensor side, `remap`, the entry format) and
+holding that key as `key.json`, checked before the folder is used; `<bytes>` is the recording's size, so a replaced
+recording gets a new entry (docs/dvs.md §6). Entries are written atomically (temporary file + rename) and checked
+on every read: the ZIP member's CRC-32, which the format already stores and `zipfile` verifies when it reads a whole
+member (so no checksum of our own), plus the member name, shape `t 2 128 128` and dtype. That costs a CRC over
+~0.5 MB next to the decompression we do anyway, and catches truncated, hand-edited or half-written (crash before the
+data reached the disk) entries; a damaged entry is rebuilt from the events with a warning. No fsync per entry: the
+check repairs what a crash leaves behind.
 
 Transforms (`dsr_da`): bilinear resize 128 -> 48 without antialias (in the workers), then for training a random
 48 x 48 crop of the zero-padded (4) frames, one window per sample shared by all steps and both polarities (on the
@@ -32,7 +35,9 @@ device, batched; offsets from `sample_uniforms(key of (seed, epoch), sample inde
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 import struct
@@ -65,7 +70,9 @@ PAD = 4
 DRAWS = 2  # uniforms per training sample: the crop's row and column offsets (no mirror)
 TRAIN_FRACTION = 0.9
 REMAPS = ("h1", "h2", "h3", "h4", "none")
-CACHE_VERSION = 1  # bump when the frame rule or file format changes, so old caches are not reused
+# The frame cache's key (frame_key) names these; change them with what they describe, so no old frame is reused.
+CACHE_VERSION = 2  # the entry format (2: the cache key's folder and key.json, the recording's size in entry names)
+BINNING = "number"  # events_to_frames' rule: equal event counts per frame, the remainder in the last (SpikingJelly's)
 
 _MAGIC = b"#!AER-DAT4.0\r\n"
 _MEMBER = "frames.npy"
@@ -233,8 +240,9 @@ def _save_frames(path: str, frames: np.ndarray, *, source: str) -> None:
         raise
 
 
-def load_frames(path: str, T: int) -> np.ndarray:
-    """Reads a frame-cache entry as int32 `t 2 128 128` counts, checking it (see the module docstring).
+def load_frames(path: str, T: int, *, size: int = SENSOR) -> np.ndarray:
+    """Reads a frame-cache entry as int32 `t 2 size size` counts (128: the sensor), checking it (see the module
+    docstring).
 
     Raises:
         DataError: the entry is damaged: not a ZIP, a CRC-32 mismatch, another member, shape or dtype.
@@ -248,10 +256,47 @@ def load_frames(path: str, T: int) -> np.ndarray:
         frames = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
     except _DAMAGED as err:
         raise DataError(f"frame cache entry {path!r} is damaged ({type(err).__name__}: {err})") from err
-    if frames.shape != (T, 2, SENSOR, SENSOR) or frames.dtype not in (np.uint8, np.uint16):
+    if frames.shape != (T, 2, size, size) or frames.dtype not in (np.uint8, np.uint16):
         raise DataError(f"frame cache entry {path!r} is damaged: it holds {frames.dtype} {frames.shape}, expected "
-                        f"uint8 or uint16 {(T, 2, SENSOR, SENSOR)}")
+                        f"uint8 or uint16 {(T, 2, size, size)}")
     return frames.astype(np.int32)
+
+
+def frame_key(T: int, remap: str) -> dict[str, Any]:
+    """Everything that shapes a cached frame: the entry format, the binning rule, T, the sensor side the events are
+    counted on, and the orientation map. The train/test split picks recordings and the resize and crop run on every
+    read, so they change no cached frame and are not in the key (docs/dvs.md §6)."""
+    return {"version": CACHE_VERSION, "binning": BINNING, "T": T, "sensor": SENSOR, "remap": remap}
+
+
+def cache_folder(key: dict[str, Any]) -> str:
+    """The cache folder of a frame key: readable fields plus a hash of the whole key (canonical JSON)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"frames_T{key['T']}_{key['binning']}_{key['remap']}_{digest}"
+
+
+def claim_cache_folder(folder: str, key: dict[str, Any]) -> None:
+    """Makes sure `folder` holds frames of `key`: writes its `key.json` (atomically) when it has none, else checks it.
+
+    Raises:
+        DataError: the folder's key.json holds another key (a hash collision or a hand-made folder).
+    """
+    path = os.path.join(folder, "key.json")
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="key.json.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(key, f, sort_keys=True)
+        os.replace(tmp, path)  # workers racing here write the same key
+        return
+    except (OSError, ValueError) as err:
+        stored = f"unreadable ({type(err).__name__}: {err})"
+    if stored != key:
+        raise DataError(f"frame cache folder {folder!r} holds frames for {stored}, not {key}; delete the folder (it "
+                        f"is rebuilt from the events) or pass another cache_dir")
 
 
 def split_indices(labels: list[int], train: bool) -> np.ndarray:
@@ -300,6 +345,8 @@ class DVSFrames(torch.utils.data.Dataset):
         self.paths, self.labels = paths, labels
         self.data_dir, self.T, self.remap, self.cache_dir = data_dir, T, remap, cache_dir
         self.resize_to_48 = resize_to_48
+        self.key = frame_key(T, remap)
+        self._claimed = False  # the cache folder's key.json checked (once per process)
         self._tonic = None
         self._tonic_index: dict[str, int] = {}
 
@@ -307,10 +354,16 @@ class DVSFrames(torch.utils.data.Dataset):
         return len(self.paths)
 
     def cache_path(self, i: int) -> str:
+        """The entry of recording i: the key's folder, its class, its stem and byte size (a replaced recording of
+        another size is another entry)."""
         assert self.cache_dir is not None
-        folder = f"frames_number_{self.T}_split_by_number_{self.remap}_v{CACHE_VERSION}"
+        folder = os.path.join(self.cache_dir, cache_folder(self.key))
+        if not self._claimed:
+            claim_cache_folder(folder, self.key)
+            self._claimed = True
         stem = os.path.splitext(os.path.basename(self.paths[i]))[0]
-        return os.path.join(self.cache_dir, folder, CLASSES[self.labels[i]], stem + ".npz")
+        size = os.path.getsize(self.paths[i])
+        return os.path.join(folder, CLASSES[self.labels[i]], f"{stem}-{size}.npz")
 
     def events(self, i: int) -> np.ndarray:
         """tonic's structured events (t, x, y, p) of recording i, read through tonic's CIFAR10DVS."""
@@ -335,12 +388,12 @@ class DVSFrames(torch.utils.data.Dataset):
         cache = self.cache_path(i) if self.cache_dir is not None else None
         if cache is not None and os.path.exists(cache):
             try:
-                return load_frames(cache, self.T)
+                return load_frames(cache, self.T, size=self.key["sensor"])
             except DataError as err:
                 warnings.warn(f"{err}; rebuilding it from {self.paths[i]!r}", stacklevel=2)
         ev = self.events(i)
         x, y, p = remap_events(ev["x"], ev["y"], ev["p"], self.remap)
-        frames = events_to_frames(x, y, p, self.T)
+        frames = events_to_frames(x, y, p, self.T, size=self.key["sensor"])
         if cache is not None:
             _save_frames(cache, frames, source=self.paths[i])
         return frames

@@ -2,13 +2,14 @@
 docs/networks.md §8.3), our checkpoint round trip and its atomic write."""
 
 import argparse
+import logging
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
-from spec_layouts import layout, old_naming, random_state_dict
+from spec_layouts import dvs_layout, layout, old_naming, random_state_dict
 
 import glif2
 from glif2 import convert
@@ -75,6 +76,7 @@ def test_released_layouts_load_strictly(ref_dir, name, arch, K, T, opts, keys):
     sd = write_reference(ref_dir / name, arch, K, T, opts, prefix=prefix)
     model = glif2.load_reference_checkpoint(ref_dir / name)
     assert (model.model_config["name"], model.model_config["num_classes"], model.model_config["T"]) == (arch, K, T)
+    assert model.checkpoint_meta["note"] is None  # the tensors agree with the name: nothing to say
     assert_loaded(model, sd)
     bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     plain = arch in ("resnet18ms", "sew7b_wide")
@@ -165,6 +167,54 @@ def test_truncated_and_foreign_files(tmp_path):
     torch.save({"state_dict": {"foo.weight": torch.zeros(3)}}, tmp_path / "foo.pth.tar")
     with pytest.raises(CheckpointError, match="cannot infer the architecture"):
         glif2.load_reference_checkpoint(tmp_path / "foo.pth.tar")
+
+
+def test_the_name_is_a_default_the_tensors_decide(tmp_path, caplog):
+    """An authors'-format CIFAR10-DVS file trained at T=4 and saved under their default name (which the table reads
+    as T=16) loads at T=4 with a one-line note, and gives exactly the logits of the authors' network at T=4 built
+    directly with the same weights."""
+    sd = random_state_dict(dvs_layout(10, T=4), float64_gates=True)
+    for key in sd:  # BN weight 1, bias 0.3: the neurons fire, so the logits depend on every layer's spikes
+        if key.endswith(".0.1.weight"):
+            sd[key] = torch.ones_like(sd[key])
+        elif key.endswith(".0.1.bias"):
+            sd[key] = torch.full_like(sd[key], 0.3)
+    path = tmp_path / "checkpoint_max.pth"
+    torch.save({"net": sd, "epoch": 11, "max_test_acc": 0.5}, path)
+    with caplog.at_level(logging.WARNING, logger="glif2.checkpoint"):
+        model = glif2.load_reference_checkpoint(path, eager=True)
+    assert caplog.messages == ["checkpoint_max.pth: T=4 from conduct's shape (the name suggests 16)"]
+    assert (model.model_config["name"], model.model_config["num_classes"], model.model_config["T"]) == (
+        "sew7b_wide", 10, 4)
+    assert model.checkpoint_meta["dataset"] == "cifar10dvs" and model.conv[0][1].alpha.dtype == torch.float64
+    authors = glif2.create_model("sew7b_wide", 10, 4, eager=True)  # plain BN, float64 gates: their 7B-wideNet
+    authors.load_state_dict({ours(k): v for k, v in sd.items()}, strict=True)
+    x = torch.randint(0, 4, (3, 4, 2, 48, 48), generator=torch.Generator().manual_seed(1)).float()
+    with torch.no_grad(), glif2.FiringRates(model.eval()) as fr:
+        logits = model(x)
+    assert 0.01 < fr.overall() < 0.99
+    assert torch.equal(logits, authors.eval()(x).detach())
+
+
+def test_a_cifar_name_with_other_tensors(tmp_path, caplog):
+    """The classifier's rows and conduct's T win over a CIFAR name; the table's dataset then no longer applies. A
+    file whose tensors fit no registered network keeps the strict error, and explicit arguments still win."""
+    path = tmp_path / "resCifar19-CIFAR10-step4-CW.pth.tar"
+    sd = write_reference(path, "resnet19", 100, 2, {})
+    with caplog.at_level(logging.WARNING, logger="glif2.checkpoint"):
+        model = glif2.load_reference_checkpoint(path)
+    assert caplog.messages == [f"{path.name}: num_classes=100 from the classifier's rows (the name suggests 10); T=2 "
+                               "from conduct's shape (the name suggests 4)"]
+    assert (model.model_config["num_classes"], model.model_config["T"]) == (100, 2)
+    assert model.checkpoint_meta["dataset"] is None  # not CIFAR-10: eval.py guesses cifar100 from the classes
+    assert_loaded(model, sd)
+    with pytest.raises(CheckpointError, match=r"conv1\.1\.conduct: file \(2, 128\) vs model \(4, 128\)"):
+        glif2.load_reference_checkpoint(path, T=4)
+    odd = {k: v for k, v in random_state_dict(layout("resnet19", 10, 4)).items()}
+    odd["conv1.0.0.weight"] = torch.zeros(96, 3, 3, 3)  # a stem width no registered network has
+    torch.save({"state_dict": odd}, tmp_path / "checkpoint_max.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)-> sew7b_wide.*missing.*unexpected.*tensors look like"):
+        glif2.load_reference_checkpoint(tmp_path / "checkpoint_max.pth")
 
 
 def test_convert_writes_our_format(tmp_path):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import glif2
 import pipelines
 from glif2.analysis import glif_layers
+from glif2.cost import E_MAC, CostCounter
 from glif2.train import cli, evaluation
 
 pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
@@ -45,6 +46,7 @@ def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
     (row,) = json.loads(out.read_text())
     assert row["checkpoint"] == str(paths[0]) and row["format"] == "glif2" and row["dataset"] == "digits"
     assert (row["arch"], row["T"], row["num_classes"], row["num_samples"]) == ("glifnet_small", 2, 10, 360)
+    assert "cost" not in row  # counted only when asked (--report)
     assert 0 <= row["top1"] <= row["top5"] <= 100 and row["loss"] > 0 and row["images_per_s"] > 0
     # every number again by hand: the checkpoint's model in eval mode over the whole digits test split
     model = glif2.load_model(paths[0]).eval()
@@ -68,6 +70,33 @@ def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
     assert row["firing_rate"] == pytest.approx(overall, rel=1e-6)
     printed = capsys.readouterr().out
     assert "top-1" in printed and "features.1" in printed and "images/s" in printed
+
+
+def test_eval_report(tiny_checkpoints, tmp_path, capsys):
+    """--report: the cost of the evaluated pass (in batches of 90) equals glif2.cost's count over the whole test split
+    in one batch; the table is printed, the JSON holds it, the constants are the ones given."""
+    _, paths = tiny_checkpoints
+    out = tmp_path / "report.json"
+    cli.eval_main(["--checkpoint", str(paths[0]), "--batch-size", "90", "--report", "--e-ac", "0.5", "--json",
+                   str(out)])
+    (row,) = json.loads(out.read_text())
+    cost = row["cost"]
+    assert (cost["samples"], cost["steps"], cost["e_ac_pj"], cost["e_mac_pj"]) == (360, 2, 0.5, E_MAC)
+    model = glif2.load_model(paths[0], eager=True).eval()
+    x, _ = (torch.cat(v) for v in zip(*pipelines.build_loader("digits", "test", data_dir=None, batch_size=360),
+                                      strict=True))
+    with torch.no_grad(), CostCounter(model) as counter:
+        model(x)
+    expected = counter.report(e_ac=0.5)
+    for key in ("sops", "macs", "energy_uj", "ann_macs", "firing_rate"):
+        assert cost[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert [r["input"] for r in cost["layers"]] == ["input", "spikes", "pooled spikes", "real"]
+    assert cost["sops"] > 0 and row["firing_rate"] == pytest.approx(cost["firing_rate"], rel=1e-12)
+    printed = capsys.readouterr().out
+    assert "0.5 pJ per accumulate" in printed and "SOPs" in printed and "as an ANN" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        cli.eval_main(["--checkpoint", str(paths[0]), "--report", "--e-mac", "-1"])
+    assert exit_info.value.code == 2 and "--e-mac" in capsys.readouterr().err
 
 
 def test_eval_folder_one_row_each(tiny_checkpoints, tmp_path):

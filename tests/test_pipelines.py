@@ -6,8 +6,10 @@ Shape letters: b batch, c channels, h w space, t steps, n samples.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
+import shutil
 import sys
 import types
 
@@ -697,16 +699,63 @@ def test_dvs_split_order_and_cache(dvs_root, tmp_path, monkeypatch):
     kw = {"data_dir": dvs_root, "batch_size": 5, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path)}
     first = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
     cached = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npz"))
-    assert len(cached) == 10 and all(p.startswith("frames_number_3_split_by_number_h1_v1/") for p in cached)
+    folder = cifar10dvs.cache_folder(cifar10dvs.frame_key(3, "h1"))
+    assert len(cached) == 10 and all(p.startswith(f"{folder}/") for p in cached) and folder.startswith("frames_T3_")
     # The cache is used: with event decoding disabled the same batches still come out.
     monkeypatch.setattr(cifar10dvs.DVSFrames, "events", lambda self, i: pytest.fail("decoded events again"))
     again = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
     torch.testing.assert_close(again[0], first[0])
-    # Another T or remap is another cache key.
-    with pytest.raises(pytest.fail.Exception):
-        collect(pipelines.build_loader("cifar10dvs", "test", **{**kw, "T": 4}))
-    with pytest.raises(pytest.fail.Exception):
-        collect(pipelines.build_loader("cifar10dvs", "test", **{**kw, "remap": "none"}))
+
+
+def test_frame_cache_is_keyed_by_everything_that_shapes_a_frame(dvs_root, tmp_path, monkeypatch):
+    """Another T, orientation, binning rule, sensor side or entry format is another cache (every recording decoded
+    again, the frames those settings give); the same key reuses it (nothing decoded); a replaced recording is
+    decoded again; what runs after the cache (the resize) reuses it; a folder holding another key is refused."""
+    root = tmp_path / "data"
+    shutil.copytree(dvs_root, root)
+    decoded = []
+    events = cifar10dvs.DVSFrames.events
+    monkeypatch.setattr(cifar10dvs.DVSFrames, "events", lambda self, i: decoded.append(i) or events(self, i))
+    kw = {"data_dir": str(root), "batch_size": 10, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path / "c")}
+
+    def frames(**changes) -> tuple[torch.Tensor, int, set[str]]:
+        decoded.clear()
+        ds = pipelines.build_loader("cifar10dvs", "test", **{**kw, **changes}).dataset
+        x = torch.stack([torch.from_numpy(ds.frames(i)) for i in range(len(ds))])
+        return x, len(decoded), {p.name for p in (tmp_path / "c").iterdir()}
+
+    base, n, folders = frames()
+    assert n == 10 and len(folders) == 1
+    key = json.loads((tmp_path / "c" / folders.pop() / "key.json").read_text())
+    assert key == {"version": cifar10dvs.CACHE_VERSION, "binning": "number", "T": 3, "sensor": 128, "remap": "h1"}
+    again, n, _ = frames()
+    assert n == 0 and torch.equal(again, base)
+    other_T, n, _ = frames(T=4)
+    assert n == 10 and other_T.shape[1] == 4 and torch.equal(other_T.sum(1), base.sum(1))
+    other_map, n, _ = frames(remap="none")
+    assert n == 10 and torch.equal(other_map, base.transpose(-1, -2))  # h1 is the transpose of tonic's map
+    for name, value in (("BINNING", "time"), ("CACHE_VERSION", 99), ("SENSOR", 130)):
+        with monkeypatch.context() as m:
+            m.setattr(cifar10dvs, name, value)
+            rebuilt, n, folders = frames()
+        assert n == 10, name
+        assert rebuilt.shape[-1] == 130 if name == "SENSOR" else torch.equal(rebuilt, base)
+    assert len(folders) == 6  # base, T, remap, binning, version, sensor
+    # The resize runs on every read: the cached counts serve it without decoding.
+    decoded.clear()
+    ds = pipelines.build_loader("cifar10dvs", "test", **kw).dataset
+    ds.resize_to_48 = False
+    assert torch.equal(ds[0][0], base[0].float()) and not decoded
+    # A recording replaced by another (of another size) is decoded again; the others are not.
+    path = root / "CIFAR10DVS" / "bird" / "cifar10_bird_9.aedat4"
+    write_aedat4(str(path), np.arange(500) % 128, np.arange(500) // 4, np.arange(500) % 2)
+    replaced, n, _ = frames()
+    assert n == 1 and replaced[2].sum() == 500 and torch.equal(replaced[3:], base[3:])
+    # A folder whose key.json holds another key is refused, not reused.
+    folder = tmp_path / "c" / cifar10dvs.cache_folder(cifar10dvs.frame_key(3, "h1"))
+    (folder / "key.json").write_text(json.dumps({**key, "T": 5}))
+    with pytest.raises(DataError, match="holds frames for .*'T': 5.*delete the folder"):
+        frames()
 
 
 def test_dvs_train_crop_is_shared_over_time_and_polarity(dvs_root, tmp_path):
@@ -900,9 +949,9 @@ def _damage(path, how: str) -> None:
 def test_damaged_frame_cache_entry_is_rebuilt(dvs_root, tmp_path, how):
     kw = {"data_dir": dvs_root, "batch_size": 5, "T": 3, "num_workers": 0, "cache_dir": str(tmp_path)}
     first = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
-    entry = next(tmp_path.rglob("cifar10_dog_9.npz"))
+    entry = next(tmp_path.rglob("cifar10_dog_9-*.npz"))
     _damage(entry, how)
-    with pytest.warns(UserWarning, match="cifar10_dog_9.npz.*damaged.*rebuilding"):
+    with pytest.warns(UserWarning, match=r"cifar10_dog_9-\d+\.npz.*damaged.*rebuilding"):
         again = collect(pipelines.build_loader("cifar10dvs", "test", **kw))
     assert torch.equal(again[0], first[0])
     assert cifar10dvs.load_frames(str(entry), 3).sum() > 0  # rewritten whole

@@ -34,6 +34,7 @@ from torch._dynamo.utils import counters
 
 import glif2
 from glif2.checkpoint import load_checkpoint, save_checkpoint
+from glif2.cost import CostCounter
 from glif2.errors import ConfigError
 from glif2.models.registry import list_models, register_model, unregister_model
 from glif2.neuron import GATE_INIT_RANGE, GLIF
@@ -360,6 +361,16 @@ def eval_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 7, (101,), generator=g), torch.randn(6, 7, generator=g, dtype=torch.float64)
 
 
+def cost_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed probe (real-valued first layer, GLIF, a layer on spikes) and 101 samples `b 64` in 7 classes."""
+    g = torch.Generator().manual_seed(4)
+    probe = Probe(7, 2, eager=True)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return probe.eval(), (torch.randn(101, 64, generator=g), torch.randint(0, 7, (101,), generator=g))
+
+
 def _ddp_worker(rank: int, world: int, ports: list[int], out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
@@ -374,6 +385,12 @@ def _ddp_worker(rank: int, world: int, ports: list[int], out: str) -> None:
     result = evaluation.evaluate(lambda v, t: v @ head, loader, torch.device("cpu"))
     shards = [len(b) for b, _ in loader]
     Path(out, f"eval-rank{rank}.json").write_text(json.dumps({**result, "batches": shards}))
+    # the cost report of a sharded evaluation: summed over both ranks
+    probe, (x, y) = cost_problem()
+    loader = TensorLoader(x, y, transform=lambda v, g: v, draws=0, num_classes=7, train=False, batch_size=16,
+                          rank=rank, world_size=world, seed=0, device="cpu")
+    cost = evaluation.evaluate_model(probe, loader, torch.device("cpu"), progress=False, report=True)["cost"]
+    Path(out, f"cost-rank{rank}.json").write_text(json.dumps(cost))
     torch.distributed.destroy_process_group()
     # training: uninterrupted, then stopped mid-epoch 2 and resumed
     for i, (name, flags) in enumerate(DDP_RUNS, start=1):
@@ -404,6 +421,17 @@ def test_ddp_evaluation_counts_every_sample_once(ddp):
         assert r["num_samples"] == 101 and r["top1"] == expected["top1"] and r["top5"] == expected["top5"]
         assert r["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     assert 0 < expected["top1"] < expected["top5"] < 100
+    # the cost report: every rank gets the counts of one process over all 101 samples
+    probe, (x, _) = cost_problem()
+    with torch.no_grad(), CostCounter(probe) as counter:
+        probe(x)
+    one = counter.report()
+    for rank in (0, 1):
+        cost = json.loads((ddp / f"cost-rank{rank}.json").read_text())
+        assert cost["samples"] == 101 and [r["input"] for r in cost["layers"]] == ["input", "spikes"]
+        for key in ("sops", "macs", "ann_macs", "energy_uj", "firing_rate"):
+            assert cost[key] == pytest.approx(one[key], rel=1e-9), key
+        assert cost["sops"] > 0
 
 
 def test_ddp_two_processes_match_one(ddp, tmp_path, probe_model):
@@ -469,6 +497,18 @@ def test_default_run_as_shipped_reaches_accuracy_and_eval_agrees(tmp_path):
     assert (row["dataset"], row["T"], row["num_samples"]) == ("digits", 2, 360)
     assert row["top1"] == pytest.approx(epoch["test_acc"], abs=0.3)  # compiled and eager: one sample at most
     assert row["loss"] == pytest.approx(epoch["test_loss"], rel=1e-3)
+    assert "test_sops" not in epoch  # counted only when asked (--report)
+
+
+def test_report_in_the_epoch_records(tmp_path):
+    """--report: every epoch record holds the test pass's firing rate, SOPs, MACs and energy per sample, the counts
+    of eval.py --report on the checkpoint of that epoch."""
+    run(tmp_path, "--epochs", "1", "--report", "--e-mac", "3.0", name="rep")
+    (epoch,) = records(tmp_path / "rep")
+    row = cli.eval_main(["--checkpoint", str(tmp_path / "rep" / "last.pt"), "--report", "--e-mac", "3.0"])[0]
+    for key in ("firing_rate", "sops", "macs", "energy_uj"):
+        assert epoch[f"test_{key}"] == pytest.approx(row["cost"][key], rel=1e-6), key
+    assert epoch["test_sops"] > 0 and epoch["test_acc"] == pytest.approx(row["top1"])
 
 
 def test_amp_bf16_on_cpu(tmp_path, monkeypatch):

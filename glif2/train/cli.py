@@ -15,6 +15,7 @@ import types
 import typing
 from typing import Any
 
+from glif2.cost import E_AC, E_MAC
 from glif2.errors import CheckpointError, ConfigError
 from glif2.train import distributed as dist
 from glif2.train.config import DEFAULT_PRESET, PRESETS, RENAMED, TrainConfig, choices
@@ -110,13 +111,22 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def build_eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glif2-eval", description="Evaluate glif2 or released GLIF checkpoints: "
-                                     "top-1, top-5, loss, firing rate per GLIF layer, images/s.")
+                                     "top-1, top-5, loss, firing rate per GLIF layer, images/s; with --report, "
+                                     "synaptic operations, MACs and energy per layer.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file, or a folder of them (one row each)")
     parser.add_argument("--dataset", choices=list(DATASETS), default=None,
                         help="test set (default: the one the checkpoint names, else from its class count)")
     parser.add_argument("--data-dir", default="data", help="dataset root (digits needs none)")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     parser.add_argument("--json", default=None, help="write the rows (a list of dicts) to this JSON file")
+    parser.add_argument("--report", action="store_true",
+                        help="also count, on the evaluated data, each layer's synaptic operations (accumulates driven "
+                        "by spikes) and MACs and an energy estimate per sample; printed as a table and written to "
+                        "--json under 'cost' (docs/performance.md §6)")
+    parser.add_argument("--e-ac", type=float, default=E_AC, help=f"pJ per accumulate for --report (default {E_AC}: "
+                        "45 nm, 32-bit float)")
+    parser.add_argument("--e-mac", type=float, default=E_MAC, help=f"pJ per multiply-accumulate for --report "
+                        f"(default {E_MAC}: 45 nm, 32-bit float)")
     return parser
 
 
@@ -130,7 +140,8 @@ def eval_main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--batch-size must be positive")
     try:
         return evaluate_checkpoints(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-                                    batch_size=args.batch_size, json_path=args.json)
+                                    batch_size=args.batch_size, json_path=args.json, report=args.report,
+                                    e_ac=args.e_ac, e_mac=args.e_mac)
     except USER_ERRORS as e:
         print(f"glif2-eval: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

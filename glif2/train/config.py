@@ -21,6 +21,7 @@ from typing import Any
 
 from glif2.checkpoint import CHECKPOINT_SUFFIXES
 from glif2.compile import COMPILE_MODES, COMPILE_SCOPES
+from glif2.cost import E_AC, E_MAC, check_energies
 from glif2.errors import ConfigError
 from glif2.layers import BN_KINDS
 from glif2.memory import MEMORY_MODES
@@ -158,6 +159,13 @@ class TrainConfig:
     """Stop (with a checkpoint) after this many optimizer steps in total; 0: no limit."""
     tensorboard: bool = True
     """Write TensorBoard scalars to <run>/tb (needs the `train` extra)."""
+    report: bool = False
+    """Count the test pass's firing rate, synaptic operations, MACs and energy per sample after every epoch, into
+    metrics.jsonl and TensorBoard (the test pass then runs the uncompiled model; docs/performance.md §6)."""
+    e_ac: float = E_AC
+    """pJ per accumulate for --report's energy (45 nm, 32-bit float)."""
+    e_mac: float = E_MAC
+    """pJ per multiply-accumulate for --report's energy (45 nm, 32-bit float)."""
 
     def __post_init__(self) -> None:
         self.gate_init = tuple(self.gate_init)  # a list when read from JSON or the command line
@@ -201,6 +209,7 @@ class TrainConfig:
         if self.compile == "none" and self.compile_mode not in ("auto", "default"):
             raise ConfigError(f"compile_mode={self.compile_mode!r} with compile=none: nothing would be compiled; "
                               "pass --compile regional or --compile model")
+        check_energies(self.e_ac, self.e_mac)
         if self.resume not in ("", "auto") and not self.resume.endswith(CHECKPOINT_SUFFIXES):
             raise ConfigError(f"resume={self.resume!r}: '' (fresh), 'auto', or a checkpoint file "
                               f"({', '.join(CHECKPOINT_SUFFIXES)})")

@@ -18,7 +18,9 @@ from tqdm import tqdm
 
 import pipelines
 from glif2.analysis import FiringRates
-from glif2.checkpoint import CHECKPOINT_SUFFIXES, load_model
+from glif2.checkpoint import CHECKPOINT_SUFFIXES, load_model, unwrap_model
+from glif2.compile import regions_uncompiled
+from glif2.cost import E_AC, E_MAC, CostCounter, check_energies, format_report
 from glif2.errors import CheckpointError, ConfigError
 from glif2.train import distributed as dist
 
@@ -70,13 +72,35 @@ def evaluate(logits_of: Callable[[Tensor, Tensor], Tensor], loader, device: torc
             "images_per_s": timed / max(end - start, 1e-9), "seconds": end - begin}
 
 
-def evaluate_model(model: nn.Module, loader, device: torch.device, *, progress: bool = True,
-                   desc: str = "eval") -> dict[str, Any]:
-    """`evaluate` on an uncompiled model in eval mode, plus the mean firing rate of every GLIF layer (hooks)."""
+def evaluate_model(model: nn.Module, loader, device: torch.device, *, progress: bool = True, desc: str = "eval",
+                   report: bool = False, e_ac: float = E_AC, e_mac: float = E_MAC) -> dict[str, Any]:
+    """`evaluate` on an uncompiled model in eval mode, plus the mean firing rate of every GLIF layer (hooks).
+
+    With `report`, also the cost report of the same pass (glif2.cost: SOPs, MACs and energy per sample, per layer and
+    in total, with e_ac and e_mac pJ per accumulate and per MAC) under "cost"."""
     model.eval()
-    with FiringRates(model) as fr:
+    counter = CostCounter(model) if report else FiringRates(model)
+    with counter:
         result = evaluate(lambda x, y: model(x), loader, device, progress=progress, desc=desc)
-    return {**result, "firing_rate": fr.overall(), "firing_rates": fr.rates()}
+    fr = counter.firing if report else counter
+    extra = {"cost": counter.report(e_ac, e_mac, all_reduce=dist.all_reduce_sum)} if report else {}
+    return {**result, "firing_rate": fr.overall(), "firing_rates": fr.rates(), **extra}
+
+
+def evaluate_epoch(objective: nn.Module, model: nn.Module, loader, device: torch.device, *, cudagraphs: bool,
+              report: bool, e_ac: float, e_mac: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """train.py's test pass after an epoch: `evaluate` through the compiled objective `(x, y) -> (loss, logits)`; with
+    `report`, through the uncompiled one and uncompiled regions (a compiled graph does not call hooks) under glif2.cost's
+    counter of `model`
+    (the raw module inside it). Returns (evaluate's result, the cost fields of the epoch record, per test sample:
+    test_firing_rate, test_sops, test_macs, test_energy_uj; empty without `report`)."""
+    if not report:
+        return evaluate(lambda x, y: objective(x, y)[1], loader, device, cudagraphs=cudagraphs), {}
+    plain = unwrap_model(objective)
+    with regions_uncompiled(model), CostCounter(model) as counter:
+        result = evaluate(lambda x, y: plain(x, y)[1], loader, device)
+    cost = counter.report(e_ac, e_mac, all_reduce=dist.all_reduce_sum)
+    return result, {f"test_{k}": cost[k] for k in ("firing_rate", "sops", "macs", "energy_uj")}
 
 
 # eval.py
@@ -115,15 +139,19 @@ def format_row(row: dict[str, Any]) -> str:
     )
     width = max((len(k) for k in row["firing_rates"]), default=0)
     layers = [f"    {name:<{width}}  {rate:.4f}" for name, rate in row["firing_rates"].items()]
-    return "\n".join([head, "  mean firing rate per layer:", *layers])
+    cost = ["  " + line for line in format_report(row["cost"]).splitlines()] if "cost" in row else []
+    return "\n".join([head, "  mean firing rate per layer:", *layers, *cost])
 
 
 def evaluate_checkpoints(checkpoint: str, *, dataset: str | None, data_dir: str, batch_size: int,
-                         json_path: str | None = None, device: torch.device | None = None) -> list[dict[str, Any]]:
-    """eval.py: every checkpoint file at `checkpoint` (a file or a folder) on its test set; prints a row each.
+                         json_path: str | None = None, device: torch.device | None = None, report: bool = False,
+                         e_ac: float = E_AC, e_mac: float = E_MAC) -> list[dict[str, Any]]:
+    """eval.py: every checkpoint file at `checkpoint` (a file or a folder) on its test set; prints a row each (with
+    `report`, its cost report too: glif2.cost, e_ac and e_mac in pJ).
 
     In a folder, a file that cannot be read is reported and skipped so that one damaged download does not cost
     the other rows; the rows are still printed and written, then a CheckpointError names every skipped file."""
+    check_energies(e_ac, e_mac)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaders: dict[tuple[str, int | None], Any] = {}
     paths = find_checkpoints(checkpoint)
@@ -137,7 +165,8 @@ def evaluate_checkpoints(checkpoint: str, *, dataset: str | None, data_dir: str,
             print(f"glif2-eval: skipped: {e}", file=sys.stderr, flush=True)
             unreadable.append(path.name)
             continue
-        rows.append(_evaluate_one(model, path, dataset, data_dir, batch_size, device, loaders))
+        rows.append(_evaluate_one(model, path, dataset, data_dir, batch_size, device, loaders,
+                                  {"report": report, "e_ac": e_ac, "e_mac": e_mac}))
         print(format_row(rows[-1]), flush=True)
     if len(rows) > 1:
         print("\ncheckpoint, top-1, top-5, loss, firing rate, images/s")
@@ -155,7 +184,8 @@ def evaluate_checkpoints(checkpoint: str, *, dataset: str | None, data_dir: str,
 
 
 def _evaluate_one(model: nn.Module, path: Path, dataset: str | None, data_dir: str, batch_size: int,
-                  device: torch.device, loaders: dict[tuple[str, int | None], Any]) -> dict[str, Any]:
+                  device: torch.device, loaders: dict[tuple[str, int | None], Any],
+                  cost: dict[str, Any]) -> dict[str, Any]:
     """One checkpoint's row; test loaders are built once per (dataset, T) and shared across checkpoints."""
     config, meta = model.model_config, model.checkpoint_meta
     name = dataset or meta.get("dataset") or guess_dataset(config)
@@ -165,8 +195,9 @@ def _evaluate_one(model: nn.Module, path: Path, dataset: str | None, data_dir: s
     if (name, T) not in loaders:
         loaders[name, T] = pipelines.build_loader(name, "test", data_dir=data_dir, batch_size=batch_size, T=T,
                                                   device=device)
-    result = evaluate_model(model, loaders[name, T], device, desc=path.name)
+    result = evaluate_model(model, loaders[name, T], device, desc=path.name, **cost)
     return {"checkpoint": str(path), "format": meta["format"], "arch": config["name"], "T": config["T"],
             "num_classes": config["num_classes"], "dataset": name, **result}
 
-__all__ = ["evaluate", "evaluate_checkpoints", "evaluate_model", "find_checkpoints", "format_row", "guess_dataset"]
+__all__ = ["evaluate", "evaluate_checkpoints", "evaluate_model", "find_checkpoints", "format_row", "guess_dataset",
+           "evaluate_epoch"]

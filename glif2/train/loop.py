@@ -25,7 +25,7 @@ from glif2.compile import save_compile_cache
 from glif2.errors import ConfigError
 from glif2.train import distributed as dist
 from glif2.train.config import TrainConfig
-from glif2.train.evaluation import evaluate
+from glif2.train.evaluation import evaluate_epoch
 from glif2.train.records import Logger, neuron_record
 from glif2.train.setup import Run, build_run, preflight, process_state, run_folder
 
@@ -131,7 +131,8 @@ def end_epoch(run: Run, epoch_sums: Tensor, start: float) -> None:
     """Test, schedule, records and checkpoints after an epoch's training."""
     train_seconds = time.perf_counter() - start
     run.objective.eval()
-    result = evaluate(lambda x, y: run.objective(x, y)[1], run.test_loader, run.device, cudagraphs=run.cudagraphs)
+    result, cost = evaluate_epoch(run.objective, run.model, run.test_loader, run.device, cudagraphs=run.cudagraphs,
+                                  report=run.cfg.report, e_ac=run.cfg.e_ac, e_mac=run.cfg.e_mac)
     run.test_acc = result["top1"]
     lr = float(run.optimizer.param_groups[0]["lr"])
     run.scheduler.step()
@@ -141,8 +142,10 @@ def end_epoch(run: Run, epoch_sums: Tensor, start: float) -> None:
     e_loss, e_correct, e_n = dist.all_reduce_sum(epoch_sums.clone()).tolist()
     record = {"kind": "epoch", "epoch": run.epoch, "step": run.step, "train_loss": e_loss / max(e_n, 1),
               "train_acc": 100.0 * e_correct / max(e_n, 1), "test_loss": result["loss"], "test_acc": run.test_acc,
-              "test_top5": result["top5"], "best_acc": run.best_acc, "lr": lr, "seconds": time.perf_counter() - start}
+              "test_top5": result["top5"], "best_acc": run.best_acc, "lr": lr, "seconds": time.perf_counter() - start,
+              **cost}
     run.logger.log(record, {"test/loss": result["loss"], "test/acc": run.test_acc, "test/top5": result["top5"],
+                            **{k.replace("test_", "test/", 1): v for k, v in cost.items()},
                             **{f"lr/{g.get('name', j)}": float(g["lr"])
                                for j, g in enumerate(run.optimizer.param_groups)}}, run.step)
     run.logger.log_params(neuron_record(run.model, run.epoch, run.step))

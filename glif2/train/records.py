@@ -2,12 +2,14 @@
 
 - metrics.jsonl: one JSON object per line; {"kind": "train", epoch, step, loss, acc, lr, images_per_s} at every log
   point and {"kind": "epoch", epoch, step, train_loss, train_acc, test_loss, test_acc, test_top5, best_acc, lr,
-  seconds} after each epoch (accuracies in percent, epoch counted from 1).
+  seconds} after each epoch (accuracies in percent, epoch counted from 1); with --report the epoch line also has
+  test_firing_rate, test_sops, test_macs and test_energy_uj (per test sample, glif2.cost).
 - glif_params.jsonl: the learned neuron parameters over training, one line per record: {"epoch": completed epochs
   (0 = at initialisation), "step": int, "layers": {layer: {quantity: {"mean", "std", "min", "q25", "median", "q75",
   "max"}}}} with quantity in alpha, beta, gamma, tau, v_th, leak, v_reset, conduct (effective values, over the
   layer's channels; conduct over all `t c` entries).
-- tb/: TensorBoard scalars (train/loss, train/acc, train/images_per_s, test/loss, test/acc, test/top5, lr/<group>).
+- tb/: TensorBoard scalars (train/loss, train/acc, train/images_per_s, test/loss, test/acc, test/top5, lr/<group>;
+  with --report test/firing_rate, test/sops, test/macs, test/energy_uj).
 """
 
 import json
