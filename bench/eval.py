@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = glif2.create_model(args.model, 10, args.T, eager=args.eager).to(device).eval()
+    model = glif2.create_model(args.model, 10, args.T).to(device).eval()
     model = compile_model(model, args.compile)
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
         b = min(args.batch_size, args.num_images - start)
         batches.append((torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)))
     t0 = time.perf_counter()
-    res = evaluate_model(model, batches, device, desc=f"{args.model} T={args.T}")
+    with glif2.eager_kernels(args.eager):
+        res = evaluate_model(model, batches, device, desc=f"{args.model} T={args.T}")
     wall = time.perf_counter() - t0
     warmup = wall - (res["num_samples"] - args.batch_size) / res["images_per_s"] if len(batches) > 1 else wall
     print(

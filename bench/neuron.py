@@ -21,7 +21,7 @@ import time
 import peers
 import torch
 
-from glif2 import GLIF
+from glif2 import GLIF, eager_kernels
 
 SHAPES = [(4, 32, 64, 32, 32), (16, 16, 64, 32, 32)]
 
@@ -29,9 +29,7 @@ SHAPES = [(4, 32, 64, 32, 32), (16, 16, 64, 32, 32)]
 def build_candidates(T: int, C: int, device: str, with_peers: bool) -> dict:
     torch.manual_seed(0)
     ours = GLIF(T, C).to(device)
-    eager = GLIF(T, C, eager=True).to(device)
-    eager.load_state_dict(ours.state_dict())
-    cands = {"glif2 compiled": ours, "glif2 eager": eager}
+    cands = {"glif2 compiled": ours, "glif2 eager": ours}  # the same neuron; "eager" runs under eager_kernels()
     if not with_peers:
         return cands
     sj = peers.gated_lif_node(ours)
@@ -102,22 +100,24 @@ def bench_shape(shape: tuple, device: str, reps: int, iters: int, with_peers: bo
     x0 = (torch.randn(shape, device=device) * 0.6 + 0.3).contiguous()
     cands = build_candidates(T, C, device, with_peers)
 
-    def fwd(n):
+    def fwd(name, n):
         def run():
-            n(x0.clone().requires_grad_())
+            with eager_kernels(name == "glif2 eager"):
+                n(x0.clone().requires_grad_())
 
         return run
 
-    def step(n):
+    def step(name, n):
         def run():
-            n(x0.clone().requires_grad_()).sum().backward()
+            with eager_kernels(name == "glif2 eager"):
+                n(x0.clone().requires_grad_()).sum().backward()
 
         return run
 
     compile_s = {}
     for name, n in cands.items():
         t0 = time.perf_counter()
-        step(n)()
+        step(name, n)()
         sync(device)
         compile_s[name] = time.perf_counter() - t0
     spikes = {name: n(x0).float().mean().item() for name, n in cands.items()}
@@ -125,8 +125,8 @@ def bench_shape(shape: tuple, device: str, reps: int, iters: int, with_peers: bo
     results = {name: {"fwd": [], "fwd+bwd": []} for name in cands}
     for _ in range(reps):
         for name, n in cands.items():
-            results[name]["fwd"].append(time_ms(fwd(n), device, iters))
-            results[name]["fwd+bwd"].append(time_ms(step(n), device, iters))
+            results[name]["fwd"].append(time_ms(fwd(name, n), device, iters))
+            results[name]["fwd+bwd"].append(time_ms(step(name, n), device, iters))
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
 
     print(f"\n## {device}  [T={T}, B={B}, C={C}, {H}, {W}]  float32, {torch.get_num_threads()} threads, "

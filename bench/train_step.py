@@ -9,7 +9,7 @@ One step = forward, cross-entropy, backward, SGD (momentum 0.9) on x `b 3 32 32`
 - "glif2 compiled": the whole step compiled as train.py does it (reduce-overhead, i.e. CUDA graphs, on CUDA;
   inductor default on CPU);
 - "glif2 fused": the model uncompiled, each GLIF running its own fused kernels (train.py --compile none);
-- "glif2 eager": everything eager, the GLIF recursion included (GLIF(eager=True));
+- "glif2 eager": everything eager, the GLIF recursion included (under glif2.eager_kernels());
 - "SJ GatedLIFNode": the same network with every GLIF replaced by spikingjelly 2.0.0's GatedLIFNode (channel-wise,
   rectangle surrogate, functional.reset_net before each forward), eager.
 
@@ -63,12 +63,12 @@ class PeakRSS:
 
 def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps: int) -> dict:
     from glif2 import create_model
-    from glif2.compile import compile_model
+    from glif2.compile import compile_model, eager_kernels
     from glif2.train.setup import Objective
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = create_model("resnet19", 10, T, eager=name == "glif2 eager")
+    model = create_model("resnet19", 10, T)
     reset = None
     if name == "SJ GatedLIFNode":
         model, reset = peers.with_gated_lif_nodes(model), peers.reset
@@ -84,8 +84,9 @@ def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps
             torch.compiler.cudagraph_mark_step_begin()
         if reset is not None:
             reset(model)
-        loss, _ = objective(x, y)
-        loss.backward()
+        with eager_kernels(name == "glif2 eager"):
+            loss, _ = objective(x, y)
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -10,10 +10,10 @@ Importing glif2 changes no global torch setting. What compiled glif2 code needs 
   tracing meets a new tensor subclass (FakeTensor, FunctionalTensor), and every growth recompiled the whole model
   once more (~30 s each for the digits net on CPU).
 
-One switch decides whether the fused kernels run compiled: `eager_kernels()`, read at call time (docs/performance.md
-§6.4). Nothing else carries it: no module, autograd Function, custom op or saved config.
+One switch decides whether the fused kernels run compiled: `eager_kernels()`, read at call time
+(docs/performance.md §7.4). Nothing else carries it: no module, autograd Function, custom op or saved config.
 
-Regional compilation (docs/performance.md §7) compiles each region a network lists in `regions()` (its stem, each
+Regional compilation (docs/performance.md §8.1) compiles each region a network lists in `regions()` (its stem, each
 residual block, its head) through one shared compiled function, so blocks of the same shape share one graph.
 """
 
@@ -132,14 +132,15 @@ def compile_model(model: nn.Module, mode: str = "default", fullgraph: bool = Tru
     return compiled
 
 
+def run_region(region: nn.Module, *args):
+    """A region's own forward: the one function regional compilation compiles. Dynamo keeps its graphs on this
+    function's code, so two regions of the same class and shapes (parameters are graph inputs) hit the same graph
+    instead of compiling their own copy."""
+    return type(region).forward(region, *args)
+
+
 @functools.cache
 def _region_runner(on_cpu: bool, mode: str) -> Callable:
-    # One compiled function for every region of every model: dynamo keeps its graphs on this one function, so two
-    # regions of the same class and shapes (parameters are graph inputs) hit the same graph instead of compiling
-    # their own copy.
-    def run_region(region: nn.Module, *args):
-        return type(region).forward(region, *args)
-
     return scoped(torch.compile(run_region, fullgraph=True, dynamic=False, **_options(on_cpu, mode)))
 
 
@@ -252,4 +253,4 @@ def load_compile_cache(path: str | os.PathLike, device: torch.device) -> bool:
 
 __all__ = ["CACHE_FORMAT", "COMPILE_MODES", "COMPILE_SCOPES", "DYNAMO_LIMITS", "cache_key", "compile_kernel",
            "compile_model", "compile_regions", "compile_scope", "eager_kernels", "kernels_are_eager",
-           "load_compile_cache", "regions", "regions_uncompiled", "save_compile_cache", "scoped"]
+           "load_compile_cache", "regions", "regions_uncompiled", "run_region", "save_compile_cache", "scoped"]

@@ -16,7 +16,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from glif2.neuron import GLIF, GLIFCoeffs, GLIFState, glif_step
+from glif2.kernels import GLIFCoeffs, GLIFState, glif_step
+from glif2.neuron import GLIF
 
 DT = 1e-4  # the Euler step the LIF time constants are given for (snnTorch's NIR convention), docs/export.md §2.4
 APPROX_DECAY = 1.0 - 1e-6  # --approximate: the decay that stands for a GLIF without one (alpha 0)

@@ -2,9 +2,11 @@
 (and nothing compiled inside `eager_kernels()`), composition with an outer torch.compile of a whole network (every
 neuron form, with and without grad), and the dynamo bug GLIF.forward works around."""
 
+import json
 import re
 import warnings
 
+import pytest
 import torch
 from einops import rearrange
 from torch import nn
@@ -13,7 +15,16 @@ from torch._inductor.utils import run_and_get_code
 
 import glif2
 from glif2 import GLIF, TimeMerged, tdBatchNorm
-from glif2.compile import eager_kernels, kernels_are_eager
+from glif2.compile import (
+    compile_regions,
+    eager_kernels,
+    kernels_are_eager,
+    load_compile_cache,
+    regions,
+    regions_uncompiled,
+    run_region,
+    save_compile_cache,
+)
 from glif2.kernels import GLIFCoeffs, GLIFFunction, fused_backward, fused_forward
 
 
@@ -198,3 +209,84 @@ def test_every_neuron_form_compiles_into_one_graph_and_matches_eager():
         with eager_kernels():
             out_eager = eager_net(x)
     assert torch.equal(out, out_eager) and 0.02 < out.mean() < 0.9
+
+
+# regional compilation and the compile cache (docs/performance.md §8)
+
+
+def region_graphs() -> int:
+    """Graphs dynamo holds for regional compilation (all of them live on the one shared function's code)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(run_region.__code__))
+
+
+def test_regional_compile_makes_one_graph_per_distinct_block_shape():
+    """ResNet-19's regions are its stem, eight blocks of five shapes (three identity blocks of 128 channels, a
+    downsampling block and two identity blocks of 256, a downsampling block and one identity block of 512) and its
+    head: exactly one graph each for the distinct ones, counted independently from the regions' classes, parameter
+    shapes and input shapes. A recompile per block (or per step) fails here. No graph breaks (fullgraph)."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = glif2.create_model("resnet19", 10, 2)  # lean, training: the forward graphs (the backward's compile lazily)
+    seen = set()
+
+    def record(module, args):
+        seen.add((type(module).__name__, tuple(tuple(p.shape) for p in module.parameters()),
+                  tuple(tuple(a.shape) for a in args), module.training))
+
+    hooks = [r.register_forward_pre_hook(record) for r in regions(model)]
+    compile_regions(model)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(2):  # a second step compiles nothing new
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 7  # stem, five block shapes, head
+    assert region_graphs() == len(seen), (region_graphs(), sorted(seen))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_regions_uncompiled_runs_the_raw_forwards_and_restores():
+    model = glif2.create_model("glifnet_small", 10, 2)
+    compile_regions(model, "default")
+    assert all("forward" in r.__dict__ for r in regions(model))
+    with regions_uncompiled(model):
+        assert not any("forward" in r.__dict__ for r in regions(model))
+    assert all("forward" in r.__dict__ for r in regions(model))
+    with pytest.raises(ValueError, match="regions"):
+        compile_regions(small_net())
+
+
+def test_compile_cache_round_trip_and_what_it_refuses(tmp_path):
+    """save_compile_cache writes the process's artifacts behind a header; load_compile_cache loads them, and ignores
+    with one warning (never raises) a damaged payload, a file made by another torch or device, and a file that is no
+    cache at all."""
+    torch.compile(lambda v: v.sin() * 3, fullgraph=True)(torch.randn(7))  # at least one artifact in this process
+    cpu = torch.device("cpu")
+    path = tmp_path / "compile_cache.bin"
+    assert save_compile_cache(path, cpu)
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically
+    head, payload = path.read_bytes().split(b"\n", 1)
+    header = json.loads(head)
+    assert header["torch"] == torch.__version__ and header["bytes"] == len(payload)
+    assert load_compile_cache(path, cpu)
+
+    def refused(blob: bytes, why: str) -> None:
+        bad = tmp_path / "bad.bin"
+        bad.write_bytes(blob)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not load_compile_cache(bad, cpu)
+        assert len(caught) == 1 and "ignored" in str(caught[0].message) and why in str(caught[0].message), caught
+
+    refused(head + b"\n" + payload[:-1] + bytes([payload[-1] ^ 1]), "damaged")
+    refused(head + b"\n" + payload[: len(payload) // 2], "damaged")
+    refused(json.dumps({**header, "torch": "1.0.0"}).encode() + b"\n" + payload, "torch '1.0.0'")
+    refused(json.dumps({**header, "device": "NVIDIA H200"}).encode() + b"\n" + payload, "device 'NVIDIA H200'")
+    refused(b"\x00\x01 not a cache", "")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not load_compile_cache(tmp_path / "missing.bin", cpu)
+    assert len(caught) == 1

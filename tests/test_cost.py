@@ -19,6 +19,8 @@ import glif2
 from glif2.cost import E_AC, E_MAC, CostCounter, conv_accumulates, format_report
 from glif2.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("uncompiled")  # the fused kernels are not what these tests are about
+
 # independent counting: loops over positions, no convolution
 
 
@@ -68,14 +70,14 @@ class Tiny(nn.Module):
         super().__init__()
         self.T = T
         self.enc = glif2.TimeMerged(nn.Conv2d(2, 4, 3, padding=1, bias=False))
-        self.s1 = glif2.GLIF(T, 4, eager=True, v_th=0.3)
+        self.s1 = glif2.GLIF(T, 4, v_th=0.3)
         self.c2 = glif2.TimeMerged(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2, bias=False))
-        self.s2 = glif2.GLIF(T, 4, eager=True, v_th=0.3)
+        self.s2 = glif2.GLIF(T, 4, v_th=0.3)
         self.c3 = glif2.TimeMerged(nn.Conv2d(4, 4, 1, bias=False))
-        self.s3 = glif2.GLIF(T, 4, eager=True, v_th=0.3)
+        self.s3 = glif2.GLIF(T, 4, v_th=0.3)
         self.pool = glif2.TimeMerged(nn.AvgPool2d(2))
         self.c4 = glif2.TimeMerged(nn.Conv2d(4, 3, 3, padding=1, bias=False))
-        self.s4 = glif2.GLIF(T, 3, eager=True, v_th=0.3)
+        self.s4 = glif2.GLIF(T, 3, v_th=0.3)
         self.fc1 = nn.Linear(3 * 2 * 2, 5, bias=False)
         self.fc2 = nn.Linear(5, 3, bias=False)
         with torch.no_grad():  # 4 x the default init: every layer fires
@@ -190,7 +192,7 @@ def test_registered_nets_name_their_inputs(arch, x, kinds):
     """What feeds each synaptic layer of the digits net and the SEW net (ADD sums are counts; after the second
     pool, the sums of spikes and pooled counts are no longer counts of anything: real); totals add up."""
     options = {"input_size": 16} if arch == "sew7b_wide" else {}
-    model = _firing(glif2.create_model(arch, 10, 2, eager=True, **options), x)
+    model = _firing(glif2.create_model(arch, 10, 2, **options), x)
     with torch.no_grad(), CostCounter(model) as counter, glif2.FiringRates(model) as fr:
         model(x)
     report = counter.report()
@@ -205,7 +207,7 @@ def test_registered_nets_name_their_inputs(arch, x, kinds):
 def test_table_and_errors():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 8, 8)
-    model = _firing(glif2.create_model("glifnet_small", 10, 2, eager=True), x)
+    model = _firing(glif2.create_model("glifnet_small", 10, 2), x)
     with torch.no_grad(), CostCounter(model) as counter:
         model(x)
     table = format_report(counter.report(e_ac=0.1, e_mac=1.0))

@@ -82,7 +82,7 @@ def test_eval_report(tiny_checkpoints, tmp_path, capsys):
     (row,) = json.loads(out.read_text())
     cost = row["cost"]
     assert (cost["samples"], cost["steps"], cost["e_ac_pj"], cost["e_mac_pj"]) == (360, 2, 0.5, E_MAC)
-    model = glif2.load_model(paths[0], eager=True).eval()
+    model = glif2.load_model(paths[0]).eval()
     x, _ = (torch.cat(v) for v in zip(*pipelines.build_loader("digits", "test", data_dir=None, batch_size=360),
                                       strict=True))
     with torch.no_grad(), CostCounter(model) as counter:

@@ -24,7 +24,7 @@ from reference import naive_glif
 from spec_layouts import layout, random_state_dict
 
 import glif2
-from glif2 import GLIF
+from glif2 import GLIF, eager_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 2
@@ -154,7 +154,7 @@ def glif_spikes(model, x, compiled: bool = True) -> tuple[dict[str, torch.Tensor
     for name, m in glif2.glif_layers(model):
         hooks.append(m.register_forward_hook(lambda _, __, out, name=name: spikes.__setitem__(name, out.clone())))
     try:
-        with torch.no_grad(), torch.compiler.set_stance("default" if compiled else "force_eager"):
+        with torch.no_grad(), eager_kernels(not compiled):
             logits = model.forward_steps(x)
     finally:
         for h in hooks:
@@ -398,7 +398,7 @@ def test_approximate_export_measures_every_layer(nir, export, tmp_path):
     net measured the same way differs nowhere."""
     path, layers = tmp_path / "soft.nir", ["features.1", "features.3", "features.6"]
     probe = 3.0 * torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    with torch.compiler.set_stance("force_eager"):
+    with eager_kernels():
         export.export_nir(randomized(glif2.create_model("glifnet_small", 10, 4)), path, approximate=True, probe=probe)
         exact = export.export_nir(
             randomized(glif2.create_model("glifnet_small", 10, 4, **HARD_LIF)), approximate=True, probe=probe
@@ -452,7 +452,7 @@ def test_command_line_refuses_a_released_file_naming_every_layer(export, tmp_pat
 
 def test_command_line_approximate_prints_each_layer(export, tmp_path, capsys):
     checkpoint = glif2.save_checkpoint(tmp_path / "soft.pt", model=glif2.create_model("glifnet_small", 10, T))
-    with torch.compiler.set_stance("force_eager"):
+    with eager_kernels():
         export.main([str(checkpoint), "--nir", str(tmp_path / "soft.nir"), "--approximate"])
     lines = capsys.readouterr().out.splitlines()
     assert "3 LIF layers, approximate" in lines[0]

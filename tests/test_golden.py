@@ -6,8 +6,8 @@ Each tests/golden/<released file stem>.json holds, for one released file name (d
 logits (`float.hex`, exact) and the spike count of every neuron layer (per step, in forward order) that the
 authors' model gives in eval mode on a fixed input, with weights that `fill` below regenerates. The test writes
 those weights in the authors' container under the released name, loads them with
-`glif2.load_reference_checkpoint(path)` alone, and demands the same logits bit for bit and the same counts, with
-the compiled GLIF kernels and under `eager_kernels()`.
+`glif2.load_reference_checkpoint(path)` alone, and demands the same spike counts exactly and the same logits to
+float32 rounding (LOGIT_TOLERANCE, below), with the compiled GLIF kernels and under `eager_kernels()`.
 
 How the numbers were produced (once, outside this repository; none of the authors' code is in it):
 - Code: CAS-CLab/Gated-LIF as stored in the public index: `layers.py` and `cifar10dvs/layers.py` at 5cda262
@@ -29,13 +29,14 @@ How the numbers were produced (once, outside this repository; none of the author
   fully convolutional; DVS: 2 x 16 x 2 x 48 x 48 event counts 0..3). Eval mode, torch.no_grad, float32,
   torch 2.14.1 on x86-64 CPU; forward hooks on the authors' `LIFSpike_CW` modules, whose names equal ours.
 
-Bit-exact logits assume the CPU kernels (oneDNN convolution, BLAS matmul) sum in the order they did where the
-goldens were made (x86-64, torch 2.14.1); another CPU family or torch build may round a convolution differently,
-which shows as logits off by ~1e-7 (rarely a flipped spike), not as a glif2 bug. What the goldens catch, measured:
-formula and constant errors in GLIF, tdBN or the wiring, a wrong key mapping or load option (the planted faults
-below); most single parameter tensors scaled by 1 + 1e-4 on a spike path (not all: a last-layer reset gate survives
-1e-3); a one-ulp step of the head's weights. Ulp-level reorderings inside GLIF or tdBN (e.g. tdBN's scale folded
-into its weight) flipped no spike on inputs this small: the kernel tests own those.
+The CPU kernels (oneDNN convolution, BLAS matmul) choose their blocking, and so their order of summation, by the
+CPU they run on: on an x86-64 machine other than the one the goldens were made on (torch 2.14.1 both), the logits
+came out up to 5e-7 of the largest logit away (a few float32 ulps) with every spike count equal. So spike counts are
+compared exactly and logits within LOGIT_TOLERANCE of the largest golden logit, 8x that measured spread. What the
+goldens catch, measured: formula and constant errors in GLIF, tdBN or the wiring, a wrong key mapping or load option
+(the planted faults below); most single parameter tensors scaled by 1 + 1e-4 on a spike path (not all: a last-layer
+reset gate survives 1e-3); the head's weights scaled by 1 + 1e-4. Ulp-level reorderings inside GLIF or tdBN (e.g.
+tdBN's scale folded into its weight) flipped no spike on inputs this small: the kernel tests own those.
 """
 
 import copy
@@ -164,8 +165,12 @@ def run(model: nn.Module, golden: dict) -> tuple[Tensor, list[tuple[str, list[in
     return logits, [(name, [int(c) for c in per_step]) for name, per_step in counts]
 
 
+LOGIT_TOLERANCE = 2.0**-18  # of the largest golden logit (about 3.8e-6): 8x the spread between two CPUs
+
+
 def mismatch(golden: dict, logits: Tensor, counts: list[tuple[str, list[int]]]) -> str:
-    """'' when logits and spike counts equal the golden ones exactly, else what differs."""
+    """'' when the spike counts equal the golden ones exactly and the logits within LOGIT_TOLERANCE of the largest
+    golden logit, else what differs."""
     expected = from_hex(golden["logits"]["hex"], golden["logits"]["shape"])
     want = [(s["glif2"], s["per_step"]) for s in golden["spikes"]]
     problems = []
@@ -177,11 +182,12 @@ def mismatch(golden: dict, logits: Tensor, counts: list[tuple[str, list[int]]]) 
             problems.append(f"spike counts per step differ in {len(bad)} of {len(want)} layers, first: {bad[:3]}")
     if logits.dtype != expected.dtype or logits.shape != expected.shape:
         problems.append(f"logits {logits.dtype} {tuple(logits.shape)} != golden float32 {tuple(expected.shape)}")
-    elif not torch.equal(logits, expected):
+    else:
         diff = (logits.double() - expected.double()).abs()
-        problems.append(
-            f"logits differ in {int((diff > 0).sum())}/{diff.numel()} entries, max |diff| {diff.max().item():.3g}"
-        )
+        bound = LOGIT_TOLERANCE * expected.abs().max().item()
+        if (diff > bound).any():
+            problems.append(f"logits differ beyond {bound:.3g} in {int((diff > bound).sum())}/{diff.numel()} "
+                            f"entries, max |diff| {diff.max().item():.3g}")
     return "; ".join(problems)
 
 
@@ -253,10 +259,9 @@ def _stem_bn_weight_relative_1e4(model):  # a parameter tensor off by 1e-4 relat
         model.conv1[0][1].weight.mul_(1 + 1e-4)
 
 
-def _head_weights_one_ulp(model):  # the logits are compared bitwise, not within a tolerance
-    weight = model.lastave[-1].weight
+def _head_weights_relative_1e4(model):  # after the last spikes: only the logits can tell
     with torch.no_grad():
-        weight.copy_(torch.nextafter(weight, torch.full_like(weight, math.inf)))
+        model.lastave[-1].weight.mul_(1 + 1e-4)
 
 
 # name -> (fault applied to the loaded model, load options); each must make the golden comparison fail
@@ -265,7 +270,7 @@ FAULTS = {
     "shortcut_bn_alpha_1": (_shortcut_bn_alpha_one, {}),
     "conduct_one_step_late": (_conductance_one_step_late, {}),
     "stem_bn_weight_1e-4": (_stem_bn_weight_relative_1e4, {}),
-    "head_weights_1ulp": (_head_weights_one_ulp, {}),
+    "head_weights_1e-4": (_head_weights_relative_1e4, {}),
     "hard_gates_option": (None, {"gate_mode": "hard"}),
 }
 

@@ -147,15 +147,18 @@ def test_lean_and_recompute_keep_a_fraction_of_the_activations():
     assert torch.uint8 in figures["lean"][1] and torch.bool not in figures["lean"][1]
 
 
-def test_whole_model_compile_is_exact_and_keeps_what_eager_keeps():
-    """Under whole-model torch.compile (train.py's default) lean and recompute give the compiled plain path's results
-    within 1e-9 (float64), and the partitioner saves nothing more than the eager lean path does: the unit is a pair
-    of opaque custom ops, so no spike masks and no unpacked spikes; only copies of the conv weights (inductor's
-    channels-last layout on the CPU) may come on top."""
+@pytest.mark.parametrize("scope", ["model", "regional"])
+def test_compiled_modes_are_exact_and_keep_what_eager_keeps(scope):
+    """Under torch.compile, whole-model or by regions (train.py's default), lean and recompute give the compiled plain
+    path's results within 1e-9 (float64), and so does the compiled plain path the eager one's; the partitioner saves
+    nothing more than the eager lean path does: the unit is a pair of opaque custom ops, so no spike masks and no
+    unpacked spikes; only copies of the conv weights (inductor's channels-last layout) may come on top."""
     results, saved = {}, {}
     for mode in MODES:
         model, x, y = _build("glifnet_small", mode, torch.float64)
-        compiled = compile_model(model, "default")
+        if mode == "off":
+            eager_off = _step(*_build("glifnet_small", mode, torch.float64))
+        compiled = compile_model(model, "default") if scope == "model" else compile_regions(model, "default")
         results[mode] = _step(model, x, y, wrap=compiled)
         saved[mode] = _saved(model.train(), compiled, x, y)
         eager_model, _, _ = _build("glifnet_small", mode, torch.float64)
@@ -163,6 +166,7 @@ def test_whole_model_compile_is_exact_and_keeps_what_eager_keeps():
         eager_figure = _saved(eager_model, eager_model, x, y)[0]
         assert mode == "off" or torch.bool not in saved[mode][1], mode  # the plain path's compiled GLIF saves masks
         assert saved[mode][0] <= eager_figure + weights / neuron_steps(model, x.detach()) + 0.1, (mode, saved[mode])
+    assert not _differ(results["off"], eager_off, rtol=1e-9), _differ(results["off"], eager_off, 1e-9)
     for mode in ("lean", "recompute"):
         assert not _differ(results[mode], results["off"], rtol=1e-9), (mode, _differ(results[mode], results["off"],
                                                                                      1e-9))
@@ -291,7 +295,7 @@ def test_sync_batchnorm_across_two_processes_equals_one_process(tmp_path, mode):
         torch.testing.assert_close(got["buffers"][k], b, rtol=1e-12, atol=1e-12, msg=k)
 
 
-# the protocol (docs/performance.md §6)
+# the protocol (docs/performance.md §7)
 
 
 def _pool_net(pool: nn.AvgPool2d) -> LeanSequential:

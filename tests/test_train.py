@@ -1,13 +1,14 @@
 """train.py and glif2.train (config, optim, distributed, loop, evaluation): presets and flags, parameter groups and
-schedules, fail-fast errors, the digits run as shipped (whole model compiled, evaluation through the compiled graph),
+schedules, fail-fast errors, the digits run as shipped (compiled by regions, evaluation through the compiled graphs,
+its compile artifacts saved and loaded again),
 --amp (bf16 on CPU) and --sync-bn, exact resume (also after SIGTERM and under DDP), atomic checkpoints under SIGKILL,
 two-process DDP (gloo) against one process, and train() leaving the process as it found it.
 
 Shape letters: t steps, b batch, c channels, k classes.
 
 Most runs use --compile none (the GLIF kernels are still compiled, and cached in TORCHINDUCTOR_CACHE_DIR) and T=2 so
-the file stays within a few minutes on two CPU cores; the default run, --amp and the dynamo checks compile the whole
-model as train.py does by default.
+the file stays within a few minutes on two CPU cores; the default run, --amp and the dynamo checks compile by regions
+as train.py does by default.
 """
 
 import json
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from torch._dynamo.utils import counters
 
 import glif2
 from glif2.checkpoint import load_checkpoint, save_checkpoint
+from glif2.compile import run_region
 from glif2.cost import CostCounter
 from glif2.errors import ConfigError
 from glif2.models.registry import list_models, register_model, unregister_model
@@ -47,7 +50,7 @@ from pipelines._common import TensorLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SHIPPED = ["--T", "2", "--no-tensorboard", "--log-interval", "50"]  # the default compile (the whole model)
+SHIPPED = ["--T", "2", "--no-tensorboard", "--log-interval", "50"]  # the default compile (by regions)
 FAST = ["--compile", "none", *SHIPPED]
 
 
@@ -481,15 +484,24 @@ def test_resume_with_another_world_size_is_refused(ddp, tmp_path, probe_model, c
 
 
 def test_default_run_as_shipped_reaches_accuracy_and_eval_agrees(tmp_path):
-    """train.py's defaults on CPU: model + loss compiled into one graph (no breaks), and the evaluation after each
-    epoch runs without grad through the compiled graph (GLIF.forward's no-grad path); eval.py (eager) agrees."""
+    """train.py's defaults on CPU: the digits net compiled by regions (no breaks), the evaluation after each epoch
+    without grad through the compiled regions (GLIF.forward's no-grad path); eval.py (eager) agrees. The first
+    epoch saves the compile artifacts in the run folder and a resumed run loads them."""
     counters.clear()
-    torch._dynamo.reset()  # the cache entries of Objective.forward counted below are this run's only
+    torch._dynamo.reset()  # the region graphs counted below are this run's only
     result = cli.train_main([*SHIPPED, "--epochs", "4", "--out-dir", str(tmp_path), "--name", "digits"])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # two graphs of model + loss: training, and evaluation without grad; a recompile (e.g. one per epoch or per step)
-    # adds more. (The lean unit's GLIF and packing kernels are compiled graphs of their own, one per layer shape.)
-    assert len(_debug_get_cache_entry_list(setup.Objective.forward.__code__)) == 2
+    # two regions (the features, the head), each a graph for training and one for evaluation without grad; a
+    # recompile (e.g. one per epoch or per step) adds more. (The lean unit's GLIF and packing kernels are compiled
+    # graphs of their own, one per layer shape.)
+    assert len(_debug_get_cache_entry_list(run_region.__code__)) == 4
+    cache = tmp_path / "digits" / "compile_cache.bin"
+    assert cache.is_file() and json.loads(cache.read_bytes().split(b"\n", 1)[0])["torch"] == torch.__version__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.train_main([*SHIPPED, "--epochs", "5", "--out-dir", str(tmp_path), "--name", "digits", "--resume",
+                        "auto"])
+    assert not [w for w in caught if "compile cache" in str(w.message)]  # loaded, not ignored
     assert result["best_acc"] >= 85.0
     best = tmp_path / "digits" / "best.pt"
     epoch = {r["epoch"]: r for r in records(tmp_path / "digits")}[load_checkpoint(best)["epoch"]]
@@ -527,8 +539,9 @@ def test_amp_bf16_on_cpu(tmp_path, monkeypatch):
     cli.train_main([*SHIPPED, "--amp", "--memory", "off", "--epochs", "1", "--out-dir", str(tmp_path),
                     "--name", "amp"])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # training and evaluation, plus one recompile when the recorder's set first grows: never one per step
-    assert len(_debug_get_cache_entry_list(setup.Objective.forward.__code__)) <= 3
+    # two regions, training and evaluation, plus at most one recompile each when the recorder's set first grows:
+    # never one per step
+    assert len(_debug_get_cache_entry_list(run_region.__code__)) <= 6
     training = {(autocast, dtype) for grad, autocast, dtype in seen if grad}
     assert training == {(True, torch.bfloat16)}  # every GLIF layer gets bf16 from conv + BN under autocast
     # evaluation (no grad) autocasts too, and tdBN's evaluation keeps the bf16 of its input

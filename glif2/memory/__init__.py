@@ -1,5 +1,5 @@
-"""Exact BPTT in a fraction of the memory: packed spikes and a fused BN -> GLIF backward (docs/performance.md §5,
-the protocol for adding a block in §6).
+"""Exact BPTT in a fraction of the memory: packed spikes and a fused BN -> GLIF backward (docs/performance.md §5;
+how to add a block: docs/performance.md §7).
 
 Training keeps, for every layer and step, what its backward needs. With autograd as is ("off"), a conv -> BN -> GLIF
 unit keeps three float tensors of the unit's size: the conv's input spikes, the BN input and the GLIF input. Yet

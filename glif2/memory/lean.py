@@ -1,6 +1,6 @@
 """The lean path as the networks use it: `LeanModule` (a block that switches to its lean twin), `Act` (an activation
 with what is known of its values), and the building blocks a lean twin is written with. The protocol is
-docs/performance.md §6.
+docs/performance.md §7.
 
 Shape letters: t steps, b batch, n the time-merged batch `(t b)`, c channels, h w space, f features.
 
@@ -199,7 +199,7 @@ def sequence_grid(modules: nn.Sequential, grid: Grid | None) -> Grid | None:
 
 
 class LeanModule(nn.Module):
-    """A module with a lean path (docs/performance.md §6). Subclasses define `plain(x)`, `lean(act, mode)` (the same
+    """A module with a lean path (docs/performance.md §7). Subclasses define `plain(x)`, `lean(act, mode)` (the same
     ops in the same order, keeping less) and `out_grid(in_grid)` (what `lean` leaves its output on); `forward`
     switches between them. `in_grid` (what the input holds when the module is called with a tensor) is set by the
     network through `link_grids`."""

@@ -129,7 +129,7 @@ class TrainConfig:
     """SyncBatchNorm across ranks. It makes every BN plain (no tdBN alpha*V_th scale, docs/training.md §6): the model
     is then built with bn=plain so that its checkpoint says what was trained."""
     compile: str = "regional"
-    """What torch.compile compiles (docs/performance.md §7): regional (each block once per distinct shape: the first
+    """What torch.compile compiles (docs/performance.md §8): regional (each block once per distinct shape: the first
     step within seconds), model (the whole model and loss as one graph), none (only the fused GLIF kernels)."""
     compile_mode: str = "auto"
     """Inductor's mode: auto (reduce-overhead, i.e. CUDA graphs, on CUDA; default on CPU), default, max-autotune,

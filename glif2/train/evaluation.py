@@ -88,12 +88,12 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, *, progress: 
 
 
 def evaluate_epoch(objective: nn.Module, model: nn.Module, loader, device: torch.device, *, cudagraphs: bool,
-              report: bool, e_ac: float, e_mac: float) -> tuple[dict[str, Any], dict[str, float]]:
+                   report: bool, e_ac: float, e_mac: float) -> tuple[dict[str, Any], dict[str, float]]:
     """train.py's test pass after an epoch: `evaluate` through the compiled objective `(x, y) -> (loss, logits)`; with
-    `report`, through the uncompiled one and uncompiled regions (a compiled graph does not call hooks) under glif2.cost's
-    counter of `model`
-    (the raw module inside it). Returns (evaluate's result, the cost fields of the epoch record, per test sample:
-    test_firing_rate, test_sops, test_macs, test_energy_uj; empty without `report`)."""
+    `report`, through the uncompiled one with uncompiled regions (a compiled graph does not call hooks) under
+    glif2.cost's counter of `model` (the raw module inside it). Returns (evaluate's result, the cost fields of the
+    epoch record, per test sample: test_firing_rate, test_sops, test_macs, test_energy_uj; empty without
+    `report`)."""
     if not report:
         return evaluate(lambda x, y: objective(x, y)[1], loader, device, cudagraphs=cudagraphs), {}
     plain = unwrap_model(objective)

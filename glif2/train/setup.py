@@ -5,7 +5,7 @@ Shape letters: b batch, k classes.
 
 Build order: checks (before any work, so a bad setting fails before anything is built or written), data, model,
 compile, DDP (it wraps the compiled module, which keeps DDP out of the graph), optimizer. Compilation is regional by
-default (each block once per distinct shape, docs/performance.md §7), and loads the run's saved compile artifacts
+default (each block once per distinct shape, docs/performance.md §8), and loads the run's saved compile artifacts
 when they are there.
 """
 
