@@ -32,7 +32,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from glif2.checkpoint import load_model, unwrap_model
 from glif2.errors import CheckpointError, ConfigError, ExportError
 from glif2.layers import tdBatchNorm
-from glif2.models.resnet import BasicBlock, CIFARNet, GLIFNetSmall, MSBlock, SpikingResNet
+from glif2.models.convnets import CIFARNet, GLIFNetSmall
+from glif2.models.resnet import BasicBlock, MSBlock, SpikingResNet
 from glif2.models.sew import SEWBlock, SEWResNetGLIF
 from glif2.neuron import GLIF
 from glif2.nir_neuron import DT, as_float64, glif_to_lif, measure, report

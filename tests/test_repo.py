@@ -162,9 +162,9 @@ def test_no_import_cycles_and_the_core_never_imports_the_app():
     for name, deps in graph.items():
         if not name.startswith("glif2.train") and name.startswith("glif2"):
             assert not any(d.startswith(("glif2.train", "pipelines")) for d in deps), f"{name} imports the app layer"
-    # A package's __init__ re-exporting its submodules is not a cycle: drop edges from a package to its children.
-    for name in graph:
-        graph[name] = {d for d in graph[name] if not d.startswith(name + ".")}
+    # Package __init__ edges count: a package re-exports its submodules, so a submodule that imports the package by
+    # name (`from glif2 import memory`, `import glif2`) closes a cycle through the __init__. Submodules import
+    # submodules (`from glif2.memory.grid import Grid`), never their package.
     state: dict[str, int] = {}
 
     def visit(node: str, stack: list[str]) -> None:
@@ -179,6 +179,22 @@ def test_no_import_cycles_and_the_core_never_imports_the_app():
     for name in graph:
         if name not in state:
             visit(name, [name])
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """Each first-party module imported first, in a process of its own (tests/probe.py: forked from one that has
+    only torch and the third-party libraries loaded): an import-order dependence or a cycle through a package
+    __init__ fails it."""
+    names = sorted(_module_name(p) for p in python_files("glif2", "pipelines"))
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "probe.py"), *names], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_modules_in_glif2_stay_small():
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in python_files("glif2")
+            if (n := len(p.read_text().splitlines())) > 400]
+    assert not long, long
 
 
 def test_no_function_over_80_lines():

@@ -68,12 +68,6 @@ def unpack(packed: Tensor, grid: Grid, shape: tuple[int, ...], dtype: torch.dtyp
     return values / grid.scale if grid.scale != 1 else values
 
 
-def off_grid(x: Tensor, grid: Grid) -> int:
-    """How many values of x are not k / scale for an integer 0 <= k <= top (a host sync: for checks, not the
-    training step)."""
-    k = x.detach().double() * grid.scale
-    return int(((k != k.round()) | (k < 0) | (k > grid.top)).sum())
-
 
 pack_kernel = compile_kernel(pack)
 unpack_kernel = compile_kernel(unpack)
@@ -120,5 +114,5 @@ def decode(saved: Tensor, encoding: Encoding, shape: tuple[int, ...], dtype: tor
     return repeat(saved, "b c h w -> (t b) c h w", t=encoding.steps).to(dtype)
 
 
-__all__ = ["AS_IS", "SPIKES", "Encoding", "Grid", "decode", "off_grid", "pack", "pack_kernel", "unpack",
+__all__ = ["AS_IS", "SPIKES", "Encoding", "Grid", "decode", "pack", "pack_kernel", "unpack",
            "unpack_kernel"]

@@ -3,7 +3,7 @@
     glif2.models.list_models()   # cifarnet, glifnet_small, resnet18, resnet18ms, resnet19, resnet34, resnet34ms, ...
 """
 
-from glif2.models import resnet, sew
+from glif2.models import convnets, resnet, sew
 from glif2.models.registry import create_model, list_models, register_model, unregister_model
 
-__all__ = ["create_model", "list_models", "register_model", "resnet", "sew", "unregister_model"]
+__all__ = ["convnets", "create_model", "list_models", "register_model", "resnet", "sew", "unregister_model"]

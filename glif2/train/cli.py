@@ -15,9 +15,9 @@ import types
 import typing
 from typing import Any
 
+import glif2.train.distributed as dist
 from glif2.cost import E_AC, E_MAC
 from glif2.errors import CheckpointError, ConfigError
-from glif2.train import distributed as dist
 from glif2.train.config import DEFAULT_PRESET, PRESETS, RENAMED, TrainConfig, choices
 from pipelines import DATASETS, DataError
 

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import glif2.train.distributed as dist
 import pipelines
 from glif2.analysis import FiringRates
 from glif2.checkpoint import CHECKPOINT_SUFFIXES, load_model, unwrap_model
 from glif2.compile import regions_uncompiled
 from glif2.cost import E_AC, E_MAC, CostCounter, check_energies, format_report
 from glif2.errors import CheckpointError, ConfigError
-from glif2.train import distributed as dist
 
 
 def _sync(device: torch.device) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import glif2.train.distributed as dist
 import pipelines
 from glif2.analysis import glif_layers
 from glif2.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -29,7 +30,6 @@ from glif2.errors import CheckpointError, ConfigError
 from glif2.models import create_model
 from glif2.models.registry import model_inputs
 from glif2.neuron import randomize_gates
-from glif2.train import distributed as dist
 from glif2.train.config import TrainConfig
 from glif2.train.optim import build_optimizer, build_scheduler
 from glif2.train.records import Logger
