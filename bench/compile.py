@@ -56,8 +56,9 @@ def worker(args) -> None:
         torch.set_num_threads(args.threads)
     T, shape, classes = INPUTS[args.model]
     torch.manual_seed(0)
-    model = glif2.create_model(args.model, classes, T, **({"input_size": shape[-1]} if args.model in (
-        "sew7b_wide", "cifarnet") else {})).to(device)
+    model = glif2.create_model(
+        args.model, classes, T, **({"input_size": shape[-1]} if args.model in ("sew7b_wide", "cifarnet") else {})
+    ).to(device)
     x = torch.rand(shape, device=device) if args.model == "sew7b_wide" else torch.randn(shape, device=device)
     y = torch.randint(0, classes, (shape[0],), device=device)
     loaded = load_compile_cache(args.load, device) if args.load else False
@@ -92,13 +93,28 @@ def worker(args) -> None:
         times.append(time.perf_counter() - t)
     if args.save:
         save_compile_cache(args.save, device)
-    print(json.dumps({"first_s": first, "step_ms": 1e3 * statistics.median(times), "graphs": graphs,
-                      "loaded": loaded}), flush=True)
+    print(
+        json.dumps({"first_s": first, "step_ms": 1e3 * statistics.median(times), "graphs": graphs, "loaded": loaded}),
+        flush=True,
+    )
 
 
 def run_case(model: str, scope: str, kind: str, cache_dir: str, artifacts: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--model", model, "--scope", scope, "--device", args.device,
-           "--steps", str(args.steps), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        model,
+        "--scope",
+        scope,
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+    ]
     if kind == "cold":
         cmd += ["--save", artifacts]
     if kind == "artifacts":
@@ -113,12 +129,18 @@ def run_case(model: str, scope: str, kind: str, cache_dir: str, artifacts: str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(INPUTS), choices=list(INPUTS))
     parser.add_argument("--scopes", nargs="+", default=["model", "regional"], choices=["model", "regional"])
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
-                        help="which starts to time (warm and artifacts need cold's cache and file)")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=list(KINDS),
+        choices=KINDS,
+        help="which starts to time (warm and artifacts need cold's cache and file)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int, default=5, help="timed warm steps")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -132,10 +154,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    print(f"## {args.device}: first finished training step (compile included) and warm step; lean memory; "
-          f"{args.steps} timed steps", flush=True)
-    print(f"{'model':<14}{'T':>3} {'input':<18}{'scope':<10}{'cold s':>8}{'warm s':>8}{'artif. s':>9}{'step ms':>9}"
-          f"{'graphs':>7}", flush=True)
+    print(
+        f"## {args.device}: first finished training step (compile included) and warm step; lean memory; "
+        f"{args.steps} timed steps",
+        flush=True,
+    )
+    print(
+        f"{'model':<14}{'T':>3} {'input':<18}{'scope':<10}{'cold s':>8}{'warm s':>8}{'artif. s':>9}{'step ms':>9}"
+        f"{'graphs':>7}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="glif2-bench-compile-") as tmp:
         for model in args.models:
@@ -154,15 +182,23 @@ def main() -> None:
                         row["step_ms"] = result["step_ms"]  # the warm run's, when it ran
                 rows.append(row)
                 shape_text = "x".join(map(str, shape))
-                print(f"{model:<14}{T:>3} {shape_text:<18}{scope:<10}"
-                      + "".join(f"{row[k]:>{w}.1f}" if k in row else f"{'-':>{w}}" for k, w in (
-                          ("cold_s", 8), ("warm_s", 8), ("artifacts_s", 9)))
-                      + f"{row['step_ms']:>9.0f}{row.get('cold_graphs', row.get('warm_graphs', 0)):>7}", flush=True)
+                print(
+                    f"{model:<14}{T:>3} {shape_text:<18}{scope:<10}"
+                    + "".join(
+                        f"{row[k]:>{w}.1f}" if k in row else f"{'-':>{w}}"
+                        for k, w in (("cold_s", 8), ("warm_s", 8), ("artifacts_s", 9))
+                    )
+                    + f"{row['step_ms']:>9.0f}{row.get('cold_graphs', row.get('warm_graphs', 0)):>7}",
+                    flush=True,
+                )
             pair = {r["scope"]: r for r in rows if r["model"] == model}
             if {"model", "regional"} <= pair.keys() and "cold_s" in pair["model"]:
                 m, r = pair["model"], pair["regional"]
-                print(f"{'':<14}    regional vs model: cold {m['cold_s'] / r['cold_s']:.1f}x shorter, warm step "
-                      f"{r['step_ms'] / m['step_ms']:.2f}x", flush=True)
+                print(
+                    f"{'':<14}    regional vs model: cold {m['cold_s'] / r['cold_s']:.1f}x shorter, warm step "
+                    f"{r['step_ms'] / m['step_ms']:.2f}x",
+                    flush=True,
+                )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -73,11 +73,23 @@ class PilCifar(torch.utils.data.Dataset):
 def torchvision_loader(root: str, batch: int, workers: int) -> torch.utils.data.DataLoader:
     from torchvision import transforms as tv
 
-    transform = tv.Compose([tv.RandomCrop(32, padding=4), tv.RandomHorizontalFlip(), tv.ToTensor(),
-                            tv.Normalize(DATASETS["cifar10"].mean, DATASETS["cifar10"].std)])
+    transform = tv.Compose(
+        [
+            tv.RandomCrop(32, padding=4),
+            tv.RandomHorizontalFlip(),
+            tv.ToTensor(),
+            tv.Normalize(DATASETS["cifar10"].mean, DATASETS["cifar10"].std),
+        ]
+    )
     images, labels = load_cifar("cifar10", "train", data_dir=root)
-    return torch.utils.data.DataLoader(PilCifar(images, labels, transform), batch_size=batch, shuffle=True,
-                                       drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(
+        PilCifar(images, labels, transform),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 def write_dvs(root: str, files: int, events: int) -> None:
@@ -91,10 +103,15 @@ def write_dvs(root: str, files: int, events: int) -> None:
         for i in range(per_class):
             store = dv.EventStore()
             for chunk in range(10):  # ten time slices, so timestamps increase as in a recording
-                store.add(dv.data.generate.uniformlyDistributedEvents(1_000 + 100_000 * chunk, (128, 128),
-                                                                      events // 10, 1000 * k + 10 * i + chunk))
-            writer = dv.io.MonoCameraWriter(os.path.join(folder, f"cifar10_{name}_{i}.aedat4"),
-                                            dv.io.MonoCameraWriter.EventOnlyConfig("DVS128", (128, 128)))
+                store.add(
+                    dv.data.generate.uniformlyDistributedEvents(
+                        1_000 + 100_000 * chunk, (128, 128), events // 10, 1000 * k + 10 * i + chunk
+                    )
+                )
+            writer = dv.io.MonoCameraWriter(
+                os.path.join(folder, f"cifar10_{name}_{i}.aedat4"),
+                dv.io.MonoCameraWriter.EventOnlyConfig("DVS128", (128, 128)),
+            )
             writer.writeEvents(store)
             del writer
 
@@ -113,45 +130,80 @@ def main() -> None:
     cores = os.cpu_count() or 1
     has_dali = pipelines.dali_available()
     cuda = torch.cuda.is_available()
-    print(f"torch {torch.__version__}, {cores} CPU cores, CUDA: "
-          f"{torch.cuda.get_device_name() if cuda else 'none'}, DALI: {'yes' if has_dali else 'no'}")
+    print(
+        f"torch {torch.__version__}, {cores} CPU cores, CUDA: "
+        f"{torch.cuda.get_device_name() if cuda else 'none'}, DALI: {'yes' if has_dali else 'no'}"
+    )
     rows: list[tuple[str, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-        write_cifar(tmp, "cifar10", images, rng.integers(0, 10, args.images),
-                    images[:1000], rng.integers(0, 10, 1000))
-        print(f"CIFAR-10 train: {args.images} fabricated images as pickles, batch {args.batch}, "
-              f"{args.epochs} timed epochs after a warm-up")
+        write_cifar(tmp, "cifar10", images, rng.integers(0, 10, args.images), images[:1000], rng.integers(0, 10, 1000))
+        print(
+            f"CIFAR-10 train: {args.images} fabricated images as pickles, batch {args.batch}, "
+            f"{args.epochs} timed epochs after a warm-up"
+        )
 
         kw = {"data_dir": tmp, "batch_size": args.batch}
         tv = throughput(torchvision_loader(tmp, args.batch, args.workers), epochs=args.epochs, device="cpu")
         rows.append(("cifar10 train", f"torchvision DataLoader, {args.workers} workers, PIL (CPU)", tv))
         if has_dali:
             dali_cpu = pipelines.build_loader("cifar10", "train", backend="dali", num_threads=cores, **kw)
-            rows.append(("cifar10 train", f"DALI CPU pipeline, {cores} threads",
-                         throughput(dali_cpu, epochs=args.epochs, device="cpu")))
-        rows.append(("cifar10 train", "torch backend, batched uint8 ops (CPU)",
-                     throughput(pipelines.build_loader("cifar10", "train", backend="torch", **kw),
-                                epochs=args.epochs, device="cpu")))
+            rows.append(
+                (
+                    "cifar10 train",
+                    f"DALI CPU pipeline, {cores} threads",
+                    throughput(dali_cpu, epochs=args.epochs, device="cpu"),
+                )
+            )
+        rows.append(
+            (
+                "cifar10 train",
+                "torch backend, batched uint8 ops (CPU)",
+                throughput(
+                    pipelines.build_loader("cifar10", "train", backend="torch", **kw), epochs=args.epochs, device="cpu"
+                ),
+            )
+        )
         if cuda:
             if has_dali:
-                dali_gpu = pipelines.build_loader("cifar10", "train", backend="dali", device="cuda",
-                                                  num_threads=min(cores, 4), **kw)
-                rows.append(("cifar10 train", "DALI GPU pipeline", throughput(dali_gpu, epochs=max(args.epochs, 5),
-                                                                             device="cuda")))
-            rows.append(("cifar10 train", "torch backend on the GPU",
-                         throughput(pipelines.build_loader("cifar10", "train", backend="torch", device="cuda", **kw),
-                                    epochs=max(args.epochs, 5), device="cuda")))
+                dali_gpu = pipelines.build_loader(
+                    "cifar10", "train", backend="dali", device="cuda", num_threads=min(cores, 4), **kw
+                )
+                rows.append(
+                    (
+                        "cifar10 train",
+                        "DALI GPU pipeline",
+                        throughput(dali_gpu, epochs=max(args.epochs, 5), device="cuda"),
+                    )
+                )
+            rows.append(
+                (
+                    "cifar10 train",
+                    "torch backend on the GPU",
+                    throughput(
+                        pipelines.build_loader("cifar10", "train", backend="torch", device="cuda", **kw),
+                        epochs=max(args.epochs, 5),
+                        device="cuda",
+                    ),
+                )
+            )
 
         dvs_root = os.path.join(tmp, "dvs")
         start = time.perf_counter()
         write_dvs(dvs_root, args.dvs_files, args.dvs_events)
         n_files = len(CLASSES) * max(1, args.dvs_files // len(CLASSES))
-        print(f"CIFAR10-DVS: {n_files} fabricated .aedat4 recordings of {args.dvs_events} events "
-              f"(written in {time.perf_counter() - start:.1f} s), T = 16, batch 8, {args.workers} workers")
-        dvs_kw = {"data_dir": dvs_root, "batch_size": 8, "T": 16, "num_workers": args.workers,
-                      "cache_dir": os.path.join(tmp, "cache")}
+        print(
+            f"CIFAR10-DVS: {n_files} fabricated .aedat4 recordings of {args.dvs_events} events "
+            f"(written in {time.perf_counter() - start:.1f} s), T = 16, batch 8, {args.workers} workers"
+        )
+        dvs_kw = {
+            "data_dir": dvs_root,
+            "batch_size": 8,
+            "T": 16,
+            "num_workers": args.workers,
+            "cache_dir": os.path.join(tmp, "cache"),
+        }
 
         def timed_pass(loader) -> float:
             n, start = 0, time.perf_counter()
@@ -175,8 +227,10 @@ def main() -> None:
         print(f"\nDALI CPU / torchvision DataLoader: {ratio:.2f}x (target >= 2x): {'PASS' if ratio >= 2 else 'FAIL'}")
         gpu = [r for r in rows if r[1] == "DALI GPU pipeline"]
         if gpu:
-            print(f"DALI GPU: {gpu[0][2]:,.0f} images/s (target >= 100,000 on an H200): "
-                  f"{'PASS' if gpu[0][2] >= 100_000 else 'FAIL'}")
+            print(
+                f"DALI GPU: {gpu[0][2]:,.0f} images/s (target >= 100,000 on an H200): "
+                f"{'PASS' if gpu[0][2] >= 100_000 else 'FAIL'}"
+            )
 
 
 if __name__ == "__main__":

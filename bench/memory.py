@@ -123,9 +123,18 @@ def run_net(net: str, device: torch.device, args) -> list[dict]:
                 print(f"{net} {device.type} {name} {'compiled' if compiled else 'eager'}: failed: {e}", flush=True)
                 continue
             cands[key] = cand
-            rows.append({"net": net, "device": device.type, "candidate": name, "compiled": compiled, "batch": batch,
-                         "T": T,
-                         "saved_per_neuron_step": saved["bytes"] / neurons, "first_step_s": first})
+            rows.append(
+                {
+                    "net": net,
+                    "device": device.type,
+                    "candidate": name,
+                    "compiled": compiled,
+                    "batch": batch,
+                    "T": T,
+                    "saved_per_neuron_step": saved["bytes"] / neurons,
+                    "first_step_s": first,
+                }
+            )
     for _ in range(args.rounds):  # interleaved rounds
         for cand in cands.values():
             cand.timed(args.steps)
@@ -174,10 +183,13 @@ def largest_batch(mode: str, device: torch.device) -> int:
 def print_rows(rows: list[dict]) -> None:
     for row in rows:
         peak = f"  peak {row['peak_mib']:9.1f} MiB" if "peak_mib" in row else ""
-        print(f"{row['net']:10} {row['device']:4} {row['candidate']:16} {'compiled' if row['compiled'] else 'eager':8}"
-              f"  T={row['T']} b={row['batch']:<3} saved {row['saved_per_neuron_step']:7.3f} B/ns"
-              f"  step {row['step_ms']:9.1f} ms"
-              f"  x off {row['vs_off']:5.2f}{peak}  (first step {row['first_step_s']:.1f} s)", flush=True)
+        print(
+            f"{row['net']:10} {row['device']:4} {row['candidate']:16} {'compiled' if row['compiled'] else 'eager':8}"
+            f"  T={row['T']} b={row['batch']:<3} saved {row['saved_per_neuron_step']:7.3f} B/ns"
+            f"  step {row['step_ms']:9.1f} ms"
+            f"  x off {row['vs_off']:5.2f}{peak}  (first step {row['first_step_s']:.1f} s)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -187,8 +199,13 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES, metavar="NAME")
     parser.add_argument("--batch", type=int, default=0, help="batch for every net (default: per net and device)")
     parser.add_argument("--T", type=int, default=0, help="time steps for every net (default: per net)")
-    parser.add_argument("--compile", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
-                        help="eager (train.py --compile none) and/or compiled (the whole objective)")
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["eager", "compiled"],
+        choices=["eager", "compiled"],
+        help="eager (train.py --compile none) and/or compiled (the whole objective)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per candidate per round")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

@@ -129,8 +129,10 @@ def bench_shape(shape: tuple, device: str, reps: int, iters: int, with_peers: bo
             results[name]["fwd+bwd"].append(time_ms(step(name, n), device, iters))
     med = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in results.items()}
 
-    print(f"\n## {device}  [T={T}, B={B}, C={C}, {H}, {W}]  float32, {torch.get_num_threads()} threads, "
-          f"{reps} rounds x {iters} iters")
+    print(
+        f"\n## {device}  [T={T}, B={B}, C={C}, {H}, {W}]  float32, {torch.get_num_threads()} threads, "
+        f"{reps} rounds x {iters} iters"
+    )
     header = f"{'candidate':<16}{'first call s':>13}{'fwd ms':>10}{'fwd+bwd ms':>12}{'saved/step':>12}{'rate':>7}"
     others = [p for p in ("SJ eager", "SJ compiled") if p in med]
     header += "".join(f"{'vs ' + p:>16}" for p in others)
@@ -145,8 +147,10 @@ def bench_shape(shape: tuple, device: str, reps: int, iters: int, with_peers: bo
         gbs = copy_bandwidth(x0, device)
         ours = med["glif2 compiled"]["fwd+bwd"]
         achieved = 7 * x0.numel() * x0.element_size() / ours / 1e6
-        print(f"copy bandwidth {gbs:.0f} GB/s; glif2 fwd+bwd at 7 passes: {achieved:.0f} GB/s = "
-              f"{100 * achieved / gbs:.0f}% of copy")
+        print(
+            f"copy bandwidth {gbs:.0f} GB/s; glif2 fwd+bwd at 7 passes: {achieved:.0f} GB/s = "
+            f"{100 * achieved / gbs:.0f}% of copy"
+        )
 
 
 def main() -> None:

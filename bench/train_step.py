@@ -121,9 +121,17 @@ def run_candidate(name: str, device: str, batch: int, T: int, warmup: int, steps
                 times.append(time.perf_counter() - t)
         peak = mem.peak - mem.base
     median = statistics.median(times)
-    return {"candidate": name, "device": device, "batch": batch, "T": T, "first_step_s": first,
-            "step_ms": 1e3 * median, "images_per_s": batch / median, "peak_mem_mib": peak / 2**20,
-            "threads": torch.get_num_threads()}
+    return {
+        "candidate": name,
+        "device": device,
+        "batch": batch,
+        "T": T,
+        "first_step_s": first,
+        "step_ms": 1e3 * median,
+        "images_per_s": batch / median,
+        "peak_mem_mib": peak / 2**20,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -154,8 +162,16 @@ def main() -> None:
     rows = []
     for device in devices:
         for name in candidates:
-            cmd = [sys.executable, __file__, "--child", json.dumps([name, device]), "--T", str(args.T),
-                   "--warmup", str(args.warmup)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                json.dumps([name, device]),
+                "--T",
+                str(args.T),
+                "--warmup",
+                str(args.warmup),
+            ]
             cmd += ["--steps", str(args.steps)] if args.steps else []
             cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -166,14 +182,20 @@ def main() -> None:
                 continue
             row = json.loads(found[0])
             rows.append(row)
-            print(f"{device:4} {name:16} b={row['batch']:<4} T={row['T']}  step {row['step_ms']:9.1f} ms  "
-                  f"{row['images_per_s']:8.1f} img/s  peak {row['peak_mem_mib']:8.1f} MiB  "
-                  f"(first step incl. compile {row['first_step_s']:.1f} s)", flush=True)
+            print(
+                f"{device:4} {name:16} b={row['batch']:<4} T={row['T']}  step {row['step_ms']:9.1f} ms  "
+                f"{row['images_per_s']:8.1f} img/s  peak {row['peak_mem_mib']:8.1f} MiB  "
+                f"(first step incl. compile {row['first_step_s']:.1f} s)",
+                flush=True,
+            )
     for device in devices:
         base = next((r for r in rows if r["device"] == device and r["candidate"] == "SJ GatedLIFNode"), None)
         if base:
-            speedups = ", ".join(f"{r['candidate']} {base['step_ms'] / r['step_ms']:.2f}x" for r in rows
-                                 if r["device"] == device and r is not base)
+            speedups = ", ".join(
+                f"{r['candidate']} {base['step_ms'] / r['step_ms']:.2f}x"
+                for r in rows
+                if r["device"] == device and r is not base
+            )
             print(f"{device}: speed vs SJ GatedLIFNode: {speedups}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -77,8 +77,11 @@ def summary(values: Tensor) -> dict[str, float]:
     """mean, std and the QUANTILES of a tensor's values (float64 on the host)."""
     v = values.detach().double().flatten().cpu()
     q = torch.quantile(v, torch.tensor(list(QUANTILES.values()), dtype=torch.float64))
-    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
-            **{name: float(x) for name, x in zip(QUANTILES, q, strict=True)}}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()) if v.numel() > 1 else 0.0,
+        **{name: float(x) for name, x in zip(QUANTILES, q, strict=True)},
+    }
 
 
 @torch.no_grad()

@@ -203,10 +203,12 @@ def _explain(path: Path, error: Exception) -> str:
         text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
     needs = re.search(r"GLOBAL (\S+)", text) if isinstance(error, pickle.UnpicklingError) else None
     if needs:
-        return (f"it holds a Python object of type {needs.group(1)}, which a safe load (weights_only=True) will not "
-                "build, as that would run code from the file; glif2 reads tensors and plain values only. If you "
-                "trust the file's source, save its tensors again: "
-                "torch.save(torch.load(path, weights_only=False)['state_dict'], 'clean.pth')")
+        return (
+            f"it holds a Python object of type {needs.group(1)}, which a safe load (weights_only=True) will not "
+            "build, as that would run code from the file; glif2 reads tensors and plain values only. If you "
+            "trust the file's source, save its tensors again: "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'clean.pth')"
+        )
     kind, cause = _format(path), f"{type(error).__name__}: {text[:160] or 'no message'}"
     if kind == "legacy":
         return f"it is a legacy (non-zip) PyTorch file that ends early or is damaged ({cause}); {_AGAIN}"
@@ -214,8 +216,10 @@ def _explain(path: Path, error: Exception) -> str:
         return f"it is a zip file that torch cannot read as a checkpoint ({cause}); if it is one, {_AGAIN}"
     with open(path, "rb") as f:
         head = f.read(24)
-    return (f"it is not a PyTorch checkpoint: it starts with {head!r}, which is neither torch.save format ({cause}); "
-            "pass a file written by torch.save")
+    return (
+        f"it is not a PyTorch checkpoint: it starts with {head!r}, which is neither torch.save format ({cause}); "
+        "pass a file written by torch.save"
+    )
 
 
 def is_ours(ckpt: dict[str, Any]) -> bool:

@@ -148,8 +148,10 @@ def regions(model: nn.Module) -> list[nn.Module]:
     """The modules regional compilation compiles one by one: `model.regions()`, which every registered network
     defines (its stem, each block, its head). A model without it is refused with the fix."""
     if not callable(getattr(model, "regions", None)):
-        raise ValueError(f"{type(model).__name__} defines no regions() for regional compilation; compile the whole "
-                         "model instead (compile_model, or train.py --compile model)")
+        raise ValueError(
+            f"{type(model).__name__} defines no regions() for regional compilation; compile the whole "
+            "model instead (compile_model, or train.py --compile model)"
+        )
     return list(model.regions())
 
 
@@ -251,6 +253,22 @@ def load_compile_cache(path: str | os.PathLike, device: torch.device) -> bool:
     return True
 
 
-__all__ = ["CACHE_FORMAT", "COMPILE_MODES", "COMPILE_SCOPES", "DYNAMO_LIMITS", "cache_key", "compile_kernel",
-           "compile_model", "compile_regions", "compile_scope", "eager_kernels", "kernels_are_eager",
-           "load_compile_cache", "regions", "regions_uncompiled", "run_region", "save_compile_cache", "scoped"]
+__all__ = [
+    "CACHE_FORMAT",
+    "COMPILE_MODES",
+    "COMPILE_SCOPES",
+    "DYNAMO_LIMITS",
+    "cache_key",
+    "compile_kernel",
+    "compile_model",
+    "compile_regions",
+    "compile_scope",
+    "eager_kernels",
+    "kernels_are_eager",
+    "load_compile_cache",
+    "regions",
+    "regions_uncompiled",
+    "run_region",
+    "save_compile_cache",
+    "scoped",
+]

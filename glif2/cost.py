@@ -55,8 +55,10 @@ def check_energies(e_ac: float, e_mac: float) -> None:
     """Raises ConfigError (a ValueError) unless both energies (pJ) are finite and non-negative."""
     for name, value in (("e_ac", e_ac), ("e_mac", e_mac)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{name}={value!r} (--{name.replace('_', '-')}): an energy per operation must be a "
-                              f"finite number of pJ >= 0 (the 45 nm defaults are e_ac={E_AC}, e_mac={E_MAC})")
+            raise ConfigError(
+                f"{name}={value!r} (--{name.replace('_', '-')}): an energy per operation must be a "
+                f"finite number of pJ >= 0 (the 45 nm defaults are e_ac={E_AC}, e_mac={E_MAC})"
+            )
 
 
 def _root(x: Tensor) -> Tensor:
@@ -121,8 +123,11 @@ class CostCounter:
         self.firing.__enter__()
         self._handles = [self.model.register_forward_pre_hook(self._start)]
         self._handles += [m.register_forward_hook(self._hook(name)) for name, m in self.layers.items()]
-        self._handles += [m.register_forward_hook(self._pool) for m in self.model.modules()
-                          if isinstance(m, nn.AvgPool2d) and _folds(m)]
+        self._handles += [
+            m.register_forward_hook(self._pool)
+            for m in self.model.modules()
+            if isinstance(m, nn.AvgPool2d) and _folds(m)
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -169,18 +174,21 @@ class CostCounter:
         dense = output.numel() * fan_in
         shapes.ann += dense * self._batch / rows
         zero = reach.new_zeros(())
-        step = torch.stack([
-            torch.where(counts, area * reach, zero),
-            torch.where(counts, zero, zero + dense),
-            torch.where(counts, area * x.sum(dtype=torch.float64), zero),
-            torch.where(counts, zero + x.numel() * area, zero),
-            counts.double(),
-            (counts & multi).double(),
-        ])
+        step = torch.stack(
+            [
+                torch.where(counts, area * reach, zero),
+                torch.where(counts, zero, zero + dense),
+                torch.where(counts, area * x.sum(dtype=torch.float64), zero),
+                torch.where(counts, zero + x.numel() * area, zero),
+                counts.double(),
+                (counts & multi).double(),
+            ]
+        )
         self.acc[name] = self.acc[name] + step if name in self.acc else step
 
-    def report(self, e_ac: float = E_AC, e_mac: float = E_MAC,
-               all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Any]:
+    def report(
+        self, e_ac: float = E_AC, e_mac: float = E_MAC, all_reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, Any]:
         """Per layer and in total, per sample: SOPs, MACs, energy (µJ), the ANN-equivalent MACs, and the firing rate
         of every GLIF layer and overall. One host sync (and one all-reduce when given).
 
@@ -196,32 +204,51 @@ class CostCounter:
         check_energies(e_ac, e_mac)
         names, glifs = [n for n in self.acc], list(self.firing.sums)
         device = next((t.device for t in [*self.acc.values(), *self.firing.sums.values()]), torch.device("cpu"))
-        host = [[float(s.calls), float(s.pooled_calls), float(s.first_calls), s.ann]
-                for s in (self.shapes[n] for n in names)]
-        parts = [torch.cat([self.acc[n], torch.tensor(h, dtype=torch.float64, device=device)])
-                 for n, h in zip(names, host, strict=True)]
-        parts += [torch.stack([self.firing.sums[n].to(device, torch.float64),
-                               torch.tensor(float(self.firing.counts[n]), dtype=torch.float64, device=device)])
-                  for n in glifs]
+        host = [
+            [float(s.calls), float(s.pooled_calls), float(s.first_calls), s.ann]
+            for s in (self.shapes[n] for n in names)
+        ]
+        parts = [
+            torch.cat([self.acc[n], torch.tensor(h, dtype=torch.float64, device=device)])
+            for n, h in zip(names, host, strict=True)
+        ]
+        parts += [
+            torch.stack(
+                [
+                    self.firing.sums[n].to(device, torch.float64),
+                    torch.tensor(float(self.firing.counts[n]), dtype=torch.float64, device=device),
+                ]
+            )
+            for n in glifs
+        ]
         flat = torch.cat([*parts, torch.tensor([float(self.samples)], dtype=torch.float64, device=device)])
         values = (all_reduce(flat) if all_reduce is not None else flat).tolist()  # the host sync
         samples = values.pop()
         if samples == 0:
             raise ValueError("the cost counter saw no samples: run the model inside `with CostCounter(model)`")
         width = len(_FIELDS) + 4
-        layers = [_layer(n, self.layers[n], values[i * width:(i + 1) * width], samples, e_ac, e_mac)
-                  for i, n in enumerate(names)]
-        spikes = values[len(names) * width:]
+        layers = [
+            _layer(n, self.layers[n], values[i * width : (i + 1) * width], samples, e_ac, e_mac)
+            for i, n in enumerate(names)
+        ]
+        spikes = values[len(names) * width :]
         sops, macs = sum(r["sops"] for r in layers), sum(r["macs"] for r in layers)
         ann = sum(r["ann_macs"] for r in layers)
         steps = getattr(self.model, "T", None)
         return {
-            "samples": int(samples), "steps": steps, "e_ac_pj": e_ac, "e_mac_pj": e_mac,
+            "samples": int(samples),
+            "steps": steps,
+            "e_ac_pj": e_ac,
+            "e_mac_pj": e_mac,
             "firing_rate": sum(spikes[0::2]) / max(1.0, sum(spikes[1::2])),
             "firing_rates": {n: spikes[2 * i] / max(1.0, spikes[2 * i + 1]) for i, n in enumerate(glifs)},
-            "sops": sops, "macs": macs, "energy_uj": energy_uj(sops, macs, e_ac, e_mac),
-            "ann_macs": ann, "ann_energy_uj": energy_uj(0.0, ann, e_ac, e_mac),
-            "sops_per_step": sops / steps if isinstance(steps, int) and steps > 0 else None, "layers": layers,
+            "sops": sops,
+            "macs": macs,
+            "energy_uj": energy_uj(sops, macs, e_ac, e_mac),
+            "ann_macs": ann,
+            "ann_energy_uj": energy_uj(0.0, ann, e_ac, e_mac),
+            "sops_per_step": sops / steps if isinstance(steps, int) and steps > 0 else None,
+            "layers": layers,
         }
 
 
@@ -230,8 +257,9 @@ def energy_uj(sops: float, macs: float, e_ac: float = E_AC, e_mac: float = E_MAC
     return (sops * e_ac + macs * e_mac) * 1e-6
 
 
-def _layer(name: str, module: nn.Module, values: list[float], samples: float, e_ac: float,
-           e_mac: float) -> dict[str, Any]:
+def _layer(
+    name: str, module: nn.Module, values: list[float], samples: float, e_ac: float, e_mac: float
+) -> dict[str, Any]:
     """One layer's row from its summed values (_FIELDS, then calls, pooled calls, first calls, ANN MACs)."""
     v = dict(zip((*_FIELDS, "calls", "pooled_calls", "first_calls", "ann"), values, strict=True))
     if v["first_calls"] == v["calls"]:
@@ -243,9 +271,16 @@ def _layer(name: str, module: nn.Module, values: list[float], samples: float, e_
     else:
         kind = "mixed"
     sops, macs = v["sops"] / samples, v["macs"] / samples
-    return {"name": name, "kind": "conv" if isinstance(module, nn.Conv2d) else "linear", "input": kind,
-            "in_rate": v["events"] / v["event_elements"] if v["event_elements"] else None,
-            "sops": sops, "macs": macs, "energy_uj": energy_uj(sops, macs, e_ac, e_mac), "ann_macs": v["ann"] / samples}
+    return {
+        "name": name,
+        "kind": "conv" if isinstance(module, nn.Conv2d) else "linear",
+        "input": kind,
+        "in_rate": v["events"] / v["event_elements"] if v["event_elements"] else None,
+        "sops": sops,
+        "macs": macs,
+        "energy_uj": energy_uj(sops, macs, e_ac, e_mac),
+        "ann_macs": v["ann"] / samples,
+    }
 
 
 def _si(value: float) -> str:
@@ -260,10 +295,29 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as a table: a row per synaptic layer (the firing rate of its input, SOPs, MACs, energy), then the
     total (the firing rate over every GLIF neuron) and the same layers in an ANN. All figures per sample."""
     head = ("layer", "type", "input", "in rate", "SOPs", "MACs", "energy µJ")
-    rows = [(r["name"], r["kind"], r["input"], "-" if r["in_rate"] is None else f"{r['in_rate']:.4f}",
-             _si(r["sops"]), _si(r["macs"]), f"{r['energy_uj']:.4g}") for r in report["layers"]]
-    rows.append(("total", "", "", f"{report['firing_rate']:.4f}", _si(report["sops"]), _si(report["macs"]),
-                 f"{report['energy_uj']:.4g}"))
+    rows = [
+        (
+            r["name"],
+            r["kind"],
+            r["input"],
+            "-" if r["in_rate"] is None else f"{r['in_rate']:.4f}",
+            _si(r["sops"]),
+            _si(r["macs"]),
+            f"{r['energy_uj']:.4g}",
+        )
+        for r in report["layers"]
+    ]
+    rows.append(
+        (
+            "total",
+            "",
+            "",
+            f"{report['firing_rate']:.4f}",
+            _si(report["sops"]),
+            _si(report["macs"]),
+            f"{report['energy_uj']:.4g}",
+        )
+    )
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
 
     def line(row: tuple[str, ...]) -> str:
@@ -271,10 +325,13 @@ def format_report(report: dict[str, Any]) -> str:
         return "  ".join(cells).rstrip()
 
     steps = f"T={report['steps']}, " if report["steps"] else ""
-    title = (f"cost per sample ({steps}{report['samples']} samples; {report['e_ac_pj']:g} pJ per accumulate, "
-             f"{report['e_mac_pj']:g} pJ per MAC)")
-    ann = (f"the same layers as an ANN (one step, dense): {_si(report['ann_macs'])} MACs, "
-           f"{report['ann_energy_uj']:.4g} µJ")
+    title = (
+        f"cost per sample ({steps}{report['samples']} samples; {report['e_ac_pj']:g} pJ per accumulate, "
+        f"{report['e_mac_pj']:g} pJ per MAC)"
+    )
+    ann = (
+        f"the same layers as an ANN (one step, dense): {_si(report['ann_macs'])} MACs, {report['ann_energy_uj']:.4g} µJ"
+    )
     rule = "-" * len(line(head))
     return "\n".join([title, line(head), rule, *map(line, rows[:-1]), rule, line(rows[-1]), ann])
 

@@ -108,8 +108,9 @@ def glif_backward(
     def over_n(g: Tensor) -> Tensor:
         return g.sum(-1, keepdim=True)
 
-    grads = GLIFCoeffs(over_n(d_decay), over_n(d_mul), over_n(d_drift), over_n(d_sub), over_n(d_vth),
-                       torch.stack(d_gain[::-1]))
+    grads = GLIFCoeffs(
+        over_n(d_decay), over_n(d_mul), over_n(d_drift), over_n(d_sub), over_n(d_vth), torch.stack(d_gain[::-1])
+    )
     return torch.stack(d_x[::-1]), grads
 
 
@@ -167,5 +168,15 @@ class GLIFFunction(torch.autograd.Function):
         return d_x, None, None, *d_coeffs
 
 
-__all__ = ["GLIFCoeffs", "GLIFFunction", "GLIFState", "fused_backward", "fused_backward_kernel", "fused_forward",
-           "fused_forward_kernel", "glif_backward", "glif_forward", "glif_step"]
+__all__ = [
+    "GLIFCoeffs",
+    "GLIFFunction",
+    "GLIFState",
+    "fused_backward",
+    "fused_backward_kernel",
+    "fused_forward",
+    "fused_forward_kernel",
+    "glif_backward",
+    "glif_forward",
+    "glif_step",
+]

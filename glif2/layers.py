@@ -85,8 +85,11 @@ class tdBatchNorm(nn.BatchNorm2d):
             # checkpoint gives bit-identical float32 activations: folding the scale into the weight instead rounds
             # differently, and one membrane within an ulp of threshold then flips a spike that cascades.
             c = "c -> 1 c 1 1"
-            y = self.alpha * self.v_th * (x - rearrange(self.running_mean, c)) / torch.sqrt(
-                rearrange(self.running_var, c) + self.eps
+            y = (
+                self.alpha
+                * self.v_th
+                * (x - rearrange(self.running_mean, c))
+                / torch.sqrt(rearrange(self.running_var, c) + self.eps)
             )
             y = y * rearrange(self.weight, c) + rearrange(self.bias, c) if self.affine else y
             return y.to(x.dtype)  # bf16 in, bf16 out (as in training) under autocast; a no-op for float32

@@ -47,8 +47,10 @@ GATE_INIT_RANGE = (-0.5, 1.5)  # open: the paper code's squash sigmoid(logit) = 
 GATE_NAMES = ("alpha", "beta", "gamma")
 NEURON_NAMES = ("tau", "v_th", "leak", "v_reset", "conduct")
 GLIF_PARAMS = (*GATE_NAMES, *NEURON_NAMES)
-EAGER_DEPRECATED = ("the eager= option is deprecated and has no effect: run the code under "
-                    "`with glif2.eager_kernels():` to run the fused kernels uncompiled")
+EAGER_DEPRECATED = (
+    "the eager= option is deprecated and has no effect: run the code under "
+    "`with glif2.eager_kernels():` to run the fused kernels uncompiled"
+)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -80,8 +82,10 @@ def check_gate_init(gate_init: tuple[float, ...]) -> None:
     """ValueError unless `gate_init` holds one value per gate, each inside the open GATE_INIT_RANGE."""
     lo, hi = GATE_INIT_RANGE
     if len(gate_init) != len(GATE_NAMES) or not all(lo < g < hi for g in gate_init):
-        raise ValueError(f"gate_init={tuple(gate_init)!r} must be {len(GATE_NAMES)} values in ({lo}, {hi}) for "
-                         f"({', '.join(GATE_NAMES)})")
+        raise ValueError(
+            f"gate_init={tuple(gate_init)!r} must be {len(GATE_NAMES)} values in ({lo}, {hi}) for "
+            f"({', '.join(GATE_NAMES)})"
+        )
 
 
 class GLIF(nn.Module):
@@ -286,8 +290,9 @@ def rename_deprecated(options: dict, warn: bool = True) -> dict:
 
 
 @torch.no_grad()
-def randomize_gates(module: nn.Module, low: float = -0.1, high: float = 0.1,
-                    dtype: torch.dtype | None = None) -> nn.Module:
+def randomize_gates(
+    module: nn.Module, low: float = -0.1, high: float = 0.1, dtype: torch.dtype | None = None
+) -> nn.Module:
     """The paper's `--randomgate`: every sub-module with alpha, beta and gamma gets logits drawn from U(low, high).
 
     With `dtype` the gates are replaced by new parameters of that dtype (the CIFAR10-DVS model's float64 gates,

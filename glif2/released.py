@@ -65,6 +65,7 @@ RELEASED: dict[str, ReleasedFile] = {
     "checkpoint_max_newest": _DVS,
 }
 
+
 def released_file(path: str | Path) -> ReleasedFile | None:
     """The entry of the released file `path` is, by name: the longest table stem the file name contains (the exact
     stem when it is one; the authors' own loader also matched names by substring). None when the name says
@@ -158,12 +159,23 @@ def infer_from_shapes(sd: dict[str, Tensor]) -> dict[str, Any]:
 
 
 # Where the tensors say what the file holds, for the note when they contradict its name.
-_WHERE = {"arch": "the key layout", "num_classes": "the classifier's rows", "T": "conduct's shape",
-          "bn": "the BN buffers", "gate_dtype": "the gates' dtype"}
+_WHERE = {
+    "arch": "the key layout",
+    "num_classes": "the classifier's rows",
+    "T": "conduct's shape",
+    "bn": "the BN buffers",
+    "gate_dtype": "the gates' dtype",
+}
 
 
-def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, num_classes: int | None = None,
-            T: int | None = None, given: Collection[str] = ()) -> dict[str, Any]:
+def resolve(
+    path: str | Path,
+    sd: dict[str, Tensor],
+    arch: str | None = None,
+    num_classes: int | None = None,
+    T: int | None = None,
+    given: Collection[str] = (),
+) -> dict[str, Any]:
     """What to build for a reference state dict: {arch, num_classes, T, options, dataset, says, note}.
 
     Explicit arguments win (arch, num_classes, T, and the model options named in `given`, which the caller sets
@@ -177,8 +189,11 @@ def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, nu
     by_shape = infer_from_shapes(sd)
     named = {"arch": table.arch, "num_classes": table.num_classes, "T": table.T} if table else {}
     inferred = {k: by_shape[k] if by_shape.get(k) is not None else named.get(k) for k in ("arch", "num_classes", "T")}
-    chosen = {"arch": arch or inferred["arch"], "num_classes": num_classes or inferred["num_classes"],
-              "T": T or inferred["T"]}
+    chosen = {
+        "arch": arch or inferred["arch"],
+        "num_classes": num_classes or inferred["num_classes"],
+        "T": T or inferred["T"],
+    }
     if None in chosen.values():
         raise CheckpointError(
             f"{path}: cannot infer the architecture from the file name or the tensors (inferred {inferred}); "
@@ -200,9 +215,16 @@ def resolve(path: str | Path, sd: dict[str, Tensor], arch: str | None = None, nu
     shapes = {**{k: by_shape.get(k) for k in ("arch", "num_classes", "T")}, **by_shape["options"]}
     says = ", ".join(f"{k}={v!r}" for k, v in shapes.items() if v is not None)
     same_data = table_fits and table.num_classes == chosen["num_classes"]
-    return {**chosen, "options": options, "dataset": table.dataset if same_data else None, "says": says,
-            "note": note}
+    return {**chosen, "options": options, "dataset": table.dataset if same_data else None, "says": says, "note": note}
 
 
-__all__ = ["REFERENCE_KEYS", "RELEASED", "ReleasedFile", "clean_state_dict", "infer_from_shapes",
-           "reference_state_dict", "released_file", "resolve"]
+__all__ = [
+    "REFERENCE_KEYS",
+    "RELEASED",
+    "ReleasedFile",
+    "clean_state_dict",
+    "infer_from_shapes",
+    "reference_state_dict",
+    "released_file",
+    "resolve",
+]

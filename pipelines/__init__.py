@@ -63,8 +63,9 @@ def resolve_backend(dataset: str, backend: str) -> str:
         if dataset not in DALI_DATASETS:
             raise ValueError(f"{dataset} has no DALI pipeline (DALI: {', '.join(DALI_DATASETS)}); use backend='torch'")
         if not dali_available():
-            raise ValueError("backend='dali' but NVIDIA DALI is not installed: pip install 'glif2[dali]' or use "
-                             "backend='torch'")
+            raise ValueError(
+                "backend='dali' but NVIDIA DALI is not installed: pip install 'glif2[dali]' or use backend='torch'"
+            )
     return backend
 
 
@@ -108,9 +109,21 @@ def _options(dataset: str, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in allowed}
 
 
-def build_loader(dataset: str, split: str, *, data_dir: str | os.PathLike | None, batch_size: int,
-                 T: int | None = None, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 backend: str = "auto", seed: int = 0, download: bool = False, **options: Any) -> ShardedLoader:
+def build_loader(
+    dataset: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None,
+    batch_size: int,
+    T: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    seed: int = 0,
+    download: bool = False,
+    **options: Any,
+) -> ShardedLoader:
     """Builds the loader of one split of one dataset for one rank.
 
     Training (`split="train"`): a new permutation each epoch from (seed, epoch), the same on every rank (call

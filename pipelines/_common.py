@@ -91,8 +91,9 @@ def sample_uniforms(key: int, idx: np.ndarray, k: int) -> np.ndarray:
     return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
 
 
-def shard_indices(n: int, *, train: bool, batch_size: int, rank: int, world_size: int, seed: int,
-                  epoch: int) -> np.ndarray:
+def shard_indices(
+    n: int, *, train: bool, batch_size: int, rank: int, world_size: int, seed: int, epoch: int
+) -> np.ndarray:
     """The sample indices rank `rank` visits in epoch `epoch`, in visiting order.
 
     Args:
@@ -116,11 +117,12 @@ def shard_indices(n: int, *, train: bool, batch_size: int, rank: int, world_size
 
 def batches_of(idx: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Splits an index array into consecutive batches; only the last may be short."""
-    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
-def crop_flip(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None, *,
-              pad: int) -> torch.Tensor:
+def crop_flip(
+    x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor | None, *, pad: int
+) -> torch.Tensor:
     """Per-sample crop of a zero-padded batch (and optional horizontal mirror) as one gather.
 
     Equivalent to `F.pad(x, [pad] * 4)[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w]`, mirrored along w where `flip[i]`,
@@ -187,8 +189,18 @@ class ShardedLoader:
         train: True for the training split.
     """
 
-    def __init__(self, *, n: int, num_classes: int, train: bool, batch_size: int, rank: int, world_size: int,
-                 seed: int, device: str | torch.device) -> None:
+    def __init__(
+        self,
+        *,
+        n: int,
+        num_classes: int,
+        train: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: str | torch.device,
+    ) -> None:
         self.dataset_size = n
         self.num_classes = num_classes
         self.train = train
@@ -202,12 +214,20 @@ class ShardedLoader:
         if train and (n // world_size) < batch_size:
             raise ValueError(
                 f"training split has {n} samples: fewer than batch_size={batch_size} per rank over "
-                f"world_size={world_size} ranks, so no full batch exists; lower batch_size")
+                f"world_size={world_size} ranks, so no full batch exists; lower batch_size"
+            )
         self.num_samples = len(self._indices())
 
     def _indices(self) -> np.ndarray:
-        return shard_indices(self.dataset_size, train=self.train, batch_size=self.batch_size, rank=self.rank,
-                             world_size=self.world_size, seed=self.seed, epoch=self.epoch)
+        return shard_indices(
+            self.dataset_size,
+            train=self.train,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Selects what the next passes yield: batches `start_batch`, ... of epoch `epoch`.
@@ -229,16 +249,18 @@ class ShardedLoader:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = batches_of(self._indices(), self.batch_size)[self.start_batch:]
+        batches = batches_of(self._indices(), self.batch_size)[self.start_batch :]
         return self._iter_batches(batches, augment_key(self.seed, self.epoch))
 
     def _iter_batches(self, batches: list[np.ndarray], key: int) -> Iterator[Batch]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(train={self.train}, num_samples={self.num_samples}, "
-                f"dataset_size={self.dataset_size}, batch_size={self.batch_size}, rank={self.rank}/"
-                f"{self.world_size}, device={self.device})")
+        return (
+            f"{type(self).__name__}(train={self.train}, num_samples={self.num_samples}, "
+            f"dataset_size={self.dataset_size}, batch_size={self.batch_size}, rank={self.rank}/"
+            f"{self.world_size}, device={self.device})"
+        )
 
 
 class TensorLoader(ShardedLoader):
@@ -249,12 +271,31 @@ class TensorLoader(ShardedLoader):
     augmentation uniforms.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *,
-                 transform: Callable[[torch.Tensor, np.ndarray], torch.Tensor], draws: int, num_classes: int,
-                 train: bool, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: str | torch.device) -> None:
-        super().__init__(n=len(y), num_classes=num_classes, train=train, batch_size=batch_size, rank=rank,
-                         world_size=world_size, seed=seed, device=device)
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        transform: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+        draws: int,
+        num_classes: int,
+        train: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: str | torch.device,
+    ) -> None:
+        super().__init__(
+            n=len(y),
+            num_classes=num_classes,
+            train=train,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+        )
         self.x = x.to(self.device)
         self.y = y.to(self.device, torch.int64)
         self.transform = transform
@@ -293,12 +334,34 @@ class MapLoader(ShardedLoader):
       augmentation of variable-size images, before they can be batched).
     """
 
-    def __init__(self, dataset: torch.utils.data.Dataset, *, n: int, num_classes: int, train: bool, batch_size: int,
-                 rank: int, world_size: int, seed: int, device: str | torch.device, num_workers: int = 0,
-                 post: Callable[[torch.Tensor, np.ndarray], torch.Tensor] | None = None, draws: int = 0,
-                 keyed: bool = False, loader_kwargs: dict[str, Any] | None = None) -> None:
-        super().__init__(n=n, num_classes=num_classes, train=train, batch_size=batch_size, rank=rank,
-                         world_size=world_size, seed=seed, device=device)
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        n: int,
+        num_classes: int,
+        train: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: str | torch.device,
+        num_workers: int = 0,
+        post: Callable[[torch.Tensor, np.ndarray], torch.Tensor] | None = None,
+        draws: int = 0,
+        keyed: bool = False,
+        loader_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            n=n,
+            num_classes=num_classes,
+            train=train,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+        )
         self.dataset = dataset
         self.num_workers = num_workers
         self.post = post
@@ -313,8 +376,13 @@ class MapLoader(ShardedLoader):
             # One DataLoader for the loader's lifetime: persistent workers skip a fork + dataset set-up per epoch;
             # the batch sampler is iterated in this process, so swapping its plan is enough for a new epoch.
             self._loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=self._sampler, num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=self.num_workers > 0, **self.loader_kwargs)
+                self.dataset,
+                batch_sampler=self._sampler,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=self.num_workers > 0,
+                **self.loader_kwargs,
+            )
         self._sampler.batches = batches
         self._sampler.key = key if self.keyed else None
         for (x, y), idx in zip(self._loader, batches, strict=True):
@@ -375,7 +443,7 @@ class DaliLoader(ShardedLoader):
                 raise self._run_error(batches, i, err) from err
             x, y = self._to_torch(images), self._to_torch(labels)
             # A reader pads the last batch of a shard with copies of its last sample: those are cut off here.
-            x, y = x[:len(idx)], y.reshape(-1)[:len(idx)]
+            x, y = x[: len(idx)], y.reshape(-1)[: len(idx)]
             yield x.to(self.device, non_blocking=True), y.to(self.device, torch.int64, non_blocking=True)
         self._end_epoch(pipe)
         self._clean = True

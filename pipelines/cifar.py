@@ -66,7 +66,8 @@ def _folder(name: str, data_dir: str | os.PathLike, download: bool) -> str:
         raise MissingDataError(
             f"{name}: folder {path!r} not found. Put the python-pickle release there (extract "
             f"{'cifar-10-python.tar.gz' if name == 'cifar10' else 'cifar-100-python.tar.gz'} into {root!r}) "
-            f"or pass download=True.")
+            f"or pass download=True."
+        )
     return path
 
 
@@ -81,24 +82,32 @@ def _read_batch(path: str, label_key: bytes, num_classes: int) -> tuple[np.ndarr
             entry = pickle.load(f, encoding="bytes")
         data, labels = np.asarray(entry[b"data"]), np.asarray(entry[label_key])
     except Exception as err:  # unpickling a damaged file can fail in any way; all of them mean "damaged"
-        raise DataError(f"{path!r} is not a readable CIFAR pickle batch ({type(err).__name__}: {err}). The file is "
-                        f"corrupt or truncated: {fix}.") from err
+        raise DataError(
+            f"{path!r} is not a readable CIFAR pickle batch ({type(err).__name__}: {err}). The file is "
+            f"corrupt or truncated: {fix}."
+        ) from err
     # The release stores uint8 rows of 3 x 32 x 32 pixels (channel-major) and a list of ints; anything else (a cast
     # would silently wrap values) is a different or damaged file.
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path!r}: 'data' is {data.dtype} {data.shape}, expected uint8 (n, 3072) as in the CIFAR "
-                        f"release; {fix}.")
+        raise DataError(
+            f"{path!r}: 'data' is {data.dtype} {data.shape}, expected uint8 (n, 3072) as in the CIFAR release; {fix}."
+        )
     if labels.ndim != 1 or len(labels) != len(data) or (len(labels) and labels.dtype.kind not in "iu"):
-        raise DataError(f"{path!r}: {label_key.decode()} is {labels.dtype} {labels.shape}, expected {len(data)} "
-                        f"integer labels (one per image); {fix}.")
+        raise DataError(
+            f"{path!r}: {label_key.decode()} is {labels.dtype} {labels.shape}, expected {len(data)} "
+            f"integer labels (one per image); {fix}."
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path!r}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}): the "
-                        f"file does not belong to this dataset; {fix}.")
+        raise DataError(
+            f"{path!r}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}): the "
+            f"file does not belong to this dataset; {fix}."
+        )
     return rearrange(data, "n (c h w) -> n h w c", c=3, h=32), labels.astype(np.int64)
 
 
-def load_cifar(name: str, split: str, *, data_dir: str | os.PathLike, download: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
+def load_cifar(
+    name: str, split: str, *, data_dir: str | os.PathLike, download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Loads a CIFAR split from the pickled batches.
 
     Args:
@@ -136,8 +145,17 @@ def torch_transform(*, train: bool, mean: tuple[float, ...], std: tuple[float, .
     return transform
 
 
-def dali_pipeline(source: Any, *, train: bool, mean: tuple[float, ...], std: tuple[float, ...], cuda: bool,
-                  batch_size: int, num_threads: int, device_id: int | None) -> Any:
+def dali_pipeline(
+    source: Any,
+    *,
+    train: bool,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    cuda: bool,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+) -> Any:
     """The DALI CIFAR graph: uint8 `b h w c` from `source` -> float32 `b c h w` and int64 labels.
 
     Args:
@@ -163,8 +181,9 @@ def dali_pipeline(source: Any, *, train: bool, mean: tuple[float, ...], std: tup
         layout, dtype = ["HWC", ""], [types.UINT8, types.INT64]
         if train:
             layout, dtype = layout + ["", "", ""], dtype + [types.FLOAT, types.FLOAT, types.INT32]
-        images, labels, *choices = fn.external_source(source=source, num_outputs=len(dtype), batch=True,
-                                                      layout=layout, dtype=dtype)
+        images, labels, *choices = fn.external_source(
+            source=source, num_outputs=len(dtype), batch=True, layout=layout, dtype=dtype
+        )
         if cuda:
             images = images.gpu()
         crop = {}
@@ -172,8 +191,14 @@ def dali_pipeline(source: Any, *, train: bool, mean: tuple[float, ...], std: tup
             # Centered 40 x 40 window with zero fill = pad 4; then a 32 x 32 window at crop_pos * 8 = the offset.
             images = fn.crop(images, crop=(32 + 2 * PAD, 32 + 2 * PAD), out_of_bounds_policy="pad", fill_values=0)
             crop = dict(zip(("crop_pos_y", "crop_pos_x", "mirror"), choices, strict=True), crop=(32, 32))
-        images = fn.crop_mirror_normalize(images, mean=[255 * m for m in mean], std=[255 * s for s in std],
-                                          dtype=types.FLOAT, output_layout="CHW", **crop)
+        images = fn.crop_mirror_normalize(
+            images,
+            mean=[255 * m for m in mean],
+            std=[255 * s for s in std],
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            **crop,
+        )
         return images, labels
 
     pipe = cifar()
@@ -213,11 +238,32 @@ class _Feed:
 class CifarDali(DaliLoader):
     """CIFAR through DALI: the plan of each epoch is fed to one long-lived pipeline via external source."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, num_classes: int, train: bool, mean: tuple,
-                 std: tuple, batch_size: int, rank: int, world_size: int, seed: int, device: str | torch.device,
-                 num_threads: int | None = None) -> None:
-        super().__init__(n=len(labels), num_classes=num_classes, train=train, batch_size=batch_size, rank=rank,
-                         world_size=world_size, seed=seed, device=device)
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        num_classes: int,
+        train: bool,
+        mean: tuple,
+        std: tuple,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: str | torch.device,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__(
+            n=len(labels),
+            num_classes=num_classes,
+            train=train,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+        )
         self.feed = _Feed(np.ascontiguousarray(images), labels, train=train)
         self.mean, self.std = mean, std
         self.num_threads = num_threads or min(4, os.cpu_count() or 1)
@@ -229,8 +275,15 @@ class CifarDali(DaliLoader):
             self._pipe = None
             self.feed.start([], key)
             self._pipe = dali_pipeline(
-                self.feed, train=self.train, mean=self.mean, std=self.std, cuda=self.device.type == "cuda",
-                batch_size=self.batch_size, num_threads=self.num_threads, device_id=self._device_id())
+                self.feed,
+                train=self.train,
+                mean=self.mean,
+                std=self.std,
+                cuda=self.device.type == "cuda",
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                device_id=self._device_id(),
+            )
         self.feed.start(batches, key)
         return self._pipe
 
@@ -244,9 +297,20 @@ class CifarDali(DaliLoader):
         raise AssertionError("DALI pipeline produced more batches than the epoch plan")
 
 
-def build_cifar(name: str, split: str, *, data_dir: str | os.PathLike, batch_size: int, rank: int = 0,
-                world_size: int = 1, device: str | torch.device = "cpu", backend: str = "auto", seed: int = 0,
-                download: bool = False, num_threads: int | None = None) -> ShardedLoader:
+def build_cifar(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    seed: int = 0,
+    download: bool = False,
+    num_threads: int | None = None,
+) -> ShardedLoader:
     """Builds the CIFAR-10/100 loader (see `pipelines.build_loader` for the contract).
 
     Args:
@@ -269,11 +333,17 @@ def build_cifar(name: str, split: str, *, data_dir: str | os.PathLike, batch_siz
     train = is_train_split(split)
     info = DATASETS[name]
     images, labels = load_cifar(name, split, data_dir=data_dir, download=download)
-    common = {"num_classes": info.num_classes, "train": train, "batch_size": batch_size, "rank": rank,
-              "world_size": world_size, "seed": seed, "device": device}
+    common = {
+        "num_classes": info.num_classes,
+        "train": train,
+        "batch_size": batch_size,
+        "rank": rank,
+        "world_size": world_size,
+        "seed": seed,
+        "device": device,
+    }
     if backend == "dali":
         return CifarDali(images, labels, mean=info.mean, std=info.std, num_threads=num_threads, **common)
     x = torch.from_numpy(rearrange(images, "n h w c -> n c h w").copy())
     transform = torch_transform(train=train, mean=info.mean, std=info.std)
     return TensorLoader(x, torch.from_numpy(labels), transform=transform, draws=DRAWS if train else 0, **common)
-

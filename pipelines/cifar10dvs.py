@@ -176,8 +176,10 @@ def check_aedat4(path: str) -> None:
             if length < 0 or pos > end:
                 raise DataError(f"{path!r}: packet at byte {pos - 8 - length} runs past byte {end}; {hint}")
     if pos == start:
-        raise DataError(f"{path!r} holds no events (an empty recording); re-extract it from the dataset archive, or "
-                        f"delete it to train without it")
+        raise DataError(
+            f"{path!r} holds no events (an empty recording); re-extract it from the dataset archive, or "
+            f"delete it to train without it"
+        )
 
 
 def _data_table_position(header: bytes) -> int:
@@ -197,8 +199,10 @@ def _data_table_position(header: bytes) -> int:
 def list_recordings(data_dir: str | os.PathLike) -> tuple[list[str], list[int]]:
     """Lists `<data_dir>/CIFAR10DVS/<class>/*.aedat4` in the reference order (classes alphabetical, names sorted)."""
     root = os.path.join(os.fspath(data_dir), "CIFAR10DVS")
-    layout = (f"expected tonic's layout {root}/<class>/*.aedat4 with the 10 class folders {', '.join(CLASSES)} "
-              f"(extract CIFAR10DVS.zip and its per-class zips there, or pass download=True where a network exists)")
+    layout = (
+        f"expected tonic's layout {root}/<class>/*.aedat4 with the 10 class folders {', '.join(CLASSES)} "
+        f"(extract CIFAR10DVS.zip and its per-class zips there, or pass download=True where a network exists)"
+    )
     if not os.path.isdir(root):
         raise MissingDataError(f"CIFAR10-DVS folder {root!r} not found; {layout}")
     paths, labels = [], []
@@ -208,8 +212,9 @@ def list_recordings(data_dir: str | os.PathLike) -> tuple[list[str], list[int]]:
             raise MissingDataError(f"CIFAR10-DVS class folder {folder!r} is missing; {layout}")
         files = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".aedat4"))
         if not files:
-            raise DataError(f"CIFAR10-DVS class folder {folder!r} has no .aedat4 files (an interrupted extraction?); "
-                            f"{layout}")
+            raise DataError(
+                f"CIFAR10-DVS class folder {folder!r} has no .aedat4 files (an interrupted extraction?); {layout}"
+            )
         paths += [os.path.join(folder, f) for f in files]
         labels += [k] * len(files)
     return paths, labels
@@ -223,16 +228,20 @@ def _save_frames(path: str, frames: np.ndarray, *, source: str) -> None:
     """
     top = int(frames.max(initial=0))
     if top > np.iinfo(np.uint16).max:
-        raise DataError(f"{source!r}: a pixel count of {top} exceeds 65535 and cannot be cached as uint16; pass "
-                        f"cache=False")
+        raise DataError(
+            f"{source!r}: a pixel count of {top} exceeds 65535 and cannot be cached as uint16; pass cache=False"
+        )
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     # A unique name in the same folder (same file system, so the rename is atomic): concurrent workers or ranks
     # never see a half-written entry, and a killed writer leaves only a `.tmp` file behind.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with (os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED,
-                                                          compresslevel=1) as z, z.open(_MEMBER, "w") as f):
+        with (
+            os.fdopen(fd, "wb") as raw,
+            zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z,
+            z.open(_MEMBER, "w") as f,
+        ):
             np.lib.format.write_array(f, frames.astype(np.uint8 if top <= 255 else np.uint16))
         os.replace(tmp, path)
     except BaseException:
@@ -257,8 +266,10 @@ def load_frames(path: str, T: int, *, size: int = SENSOR) -> np.ndarray:
     except _DAMAGED as err:
         raise DataError(f"frame cache entry {path!r} is damaged ({type(err).__name__}: {err})") from err
     if frames.shape != (T, 2, size, size) or frames.dtype not in (np.uint8, np.uint16):
-        raise DataError(f"frame cache entry {path!r} is damaged: it holds {frames.dtype} {frames.shape}, expected "
-                        f"uint8 or uint16 {(T, 2, size, size)}")
+        raise DataError(
+            f"frame cache entry {path!r} is damaged: it holds {frames.dtype} {frames.shape}, expected "
+            f"uint8 or uint16 {(T, 2, size, size)}"
+        )
     return frames.astype(np.int32)
 
 
@@ -295,8 +306,10 @@ def claim_cache_folder(folder: str, key: dict[str, Any]) -> None:
     except (OSError, ValueError) as err:
         stored = f"unreadable ({type(err).__name__}: {err})"
     if stored != key:
-        raise DataError(f"frame cache folder {folder!r} holds frames for {stored}, not {key}; delete the folder (it "
-                        f"is rebuilt from the events) or pass another cache_dir")
+        raise DataError(
+            f"frame cache folder {folder!r} holds frames for {stored}, not {key}; delete the folder (it "
+            f"is rebuilt from the events) or pass another cache_dir"
+        )
 
 
 def split_indices(labels: list[int], train: bool) -> np.ndarray:
@@ -340,8 +353,17 @@ class DVSFrames(torch.utils.data.Dataset):
         resize_to_48: apply the dsr_da resize (False gives the raw `t 2 128 128` counts as float32).
     """
 
-    def __init__(self, paths: list[str], labels: list[int], *, data_dir: str, T: int, remap: str,
-                 cache_dir: str | None, resize_to_48: bool = True) -> None:
+    def __init__(
+        self,
+        paths: list[str],
+        labels: list[int],
+        *,
+        data_dir: str,
+        T: int,
+        remap: str,
+        cache_dir: str | None,
+        resize_to_48: bool = True,
+    ) -> None:
         self.paths, self.labels = paths, labels
         self.data_dir, self.T, self.remap, self.cache_dir = data_dir, T, remap, cache_dir
         self.resize_to_48 = resize_to_48
@@ -376,11 +398,15 @@ class DVSFrames(torch.utils.data.Dataset):
             events, _ = self._tonic[self._tonic_index[path]]
         except Exception as err:  # tonic and aedat fail in many ways on a bad file
             check_aedat4(path)  # names the problem when the packet structure shows it (truncated, no events)
-            raise DataError(f"cannot read events from {path!r} ({type(err).__name__}: {err}); re-extract the file "
-                            f"from the dataset archive.") from err
+            raise DataError(
+                f"cannot read events from {path!r} ({type(err).__name__}: {err}); re-extract the file "
+                f"from the dataset archive."
+            ) from err
         if len(events) == 0:
-            raise DataError(f"{path!r} holds no events (an empty recording); re-extract it from the dataset archive, "
-                            f"or delete it to train without it")
+            raise DataError(
+                f"{path!r} holds no events (an empty recording); re-extract it from the dataset archive, "
+                f"or delete it to train without it"
+            )
         return events
 
     def frames(self, i: int) -> np.ndarray:
@@ -415,10 +441,23 @@ def _train_crop(x: torch.Tensor, u: np.ndarray) -> torch.Tensor:
     return rearrange(out, "b (t c) h w -> b t c h w", t=t)
 
 
-def build_cifar10dvs(split: str, *, data_dir: str | os.PathLike, batch_size: int, T: int | None, rank: int = 0,
-                     world_size: int = 1, device: str | torch.device = "cpu", seed: int = 0, download: bool = False,
-                     remap: str = "h1", cache_dir: str | os.PathLike | None = None, cache: bool = True,
-                     num_workers: int | None = None, verify: bool = True) -> ShardedLoader:
+def build_cifar10dvs(
+    split: str,
+    *,
+    data_dir: str | os.PathLike,
+    batch_size: int,
+    T: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    download: bool = False,
+    remap: str = "h1",
+    cache_dir: str | os.PathLike | None = None,
+    cache: bool = True,
+    num_workers: int | None = None,
+    verify: bool = True,
+) -> ShardedLoader:
     """Builds the CIFAR10-DVS loader (see `pipelines.build_loader` for the contract).
 
     Args:
@@ -455,9 +494,26 @@ def build_cifar10dvs(split: str, *, data_dir: str | os.PathLike, batch_size: int
             check_aedat4(path)
     idx = split_indices(labels, train)
     root = os.fspath(cache_dir) if cache_dir is not None else os.path.join(data_dir, "CIFAR10DVS_frames")
-    dataset = DVSFrames([paths[i] for i in idx], [labels[i] for i in idx], data_dir=data_dir, T=T, remap=remap,
-                        cache_dir=root if cache else None)
+    dataset = DVSFrames(
+        [paths[i] for i in idx],
+        [labels[i] for i in idx],
+        data_dir=data_dir,
+        T=T,
+        remap=remap,
+        cache_dir=root if cache else None,
+    )
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-    return MapLoader(dataset, n=len(dataset), num_classes=len(CLASSES), train=train, batch_size=batch_size,
-                     rank=rank, world_size=world_size, seed=seed, device=device, num_workers=workers,
-                     post=_train_crop if train else None, draws=DRAWS)
+    return MapLoader(
+        dataset,
+        n=len(dataset),
+        num_classes=len(CLASSES),
+        train=train,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=device,
+        num_workers=workers,
+        post=_train_crop if train else None,
+        draws=DRAWS,
+    )

@@ -32,15 +32,40 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
-        DatasetInfo("cifar10", 10, 3, 32, "image", mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.243, 0.261),
-                    backends=("dali", "torch")),
-        DatasetInfo("cifar100", 100, 3, 32, "image", mean=(129.3 / 255, 124.1 / 255, 112.4 / 255),
-                    std=(68.2 / 255, 65.4 / 255, 70.4 / 255), backends=("dali", "torch")),
-        DatasetInfo("imagenet", 1000, 3, 224, "image", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                    backends=("dali", "torch")),
+        DatasetInfo(
+            "cifar10",
+            10,
+            3,
+            32,
+            "image",
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.247, 0.243, 0.261),
+            backends=("dali", "torch"),
+        ),
+        DatasetInfo(
+            "cifar100",
+            100,
+            3,
+            32,
+            "image",
+            mean=(129.3 / 255, 124.1 / 255, 112.4 / 255),
+            std=(68.2 / 255, 65.4 / 255, 70.4 / 255),
+            backends=("dali", "torch"),
+        ),
+        DatasetInfo(
+            "imagenet",
+            1000,
+            3,
+            224,
+            "image",
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            backends=("dali", "torch"),
+        ),
         DatasetInfo("cifar10dvs", 10, 2, 48, "frames", mean=(0.0, 0.0), std=(1.0, 1.0), backends=("torch",)),
-        DatasetInfo("digits", 10, 1, 8, "image", mean=(0.30526028624095713,), std=(0.3760492217920148,),
-                    backends=("torch",)),
+        DatasetInfo(
+            "digits", 10, 1, 8, "image", mean=(0.30526028624095713,), std=(0.3760492217920148,), backends=("torch",)
+        ),
     )
 }
 DALI_DATASETS = tuple(name for name, info in DATASETS.items() if "dali" in info.backends)

@@ -29,7 +29,8 @@ def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
 
     data = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        data.images, data.target, test_size=TEST_FRACTION, stratify=data.target, random_state=SPLIT_SEED)
+        data.images, data.target, test_size=TEST_FRACTION, stratify=data.target, random_state=SPLIT_SEED
+    )
     x, y = (x_train, y_train) if is_train_split(split) else (x_test, y_test)
     return rearrange(x / 16.0, "n h w -> n 1 h w").astype(np.float32), y.astype(np.int64)
 
@@ -38,8 +39,15 @@ def _normalize(x: torch.Tensor, u: np.ndarray) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
-def build_digits(split: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", seed: int = 0) -> ShardedLoader:
+def build_digits(
+    split: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> ShardedLoader:
     """Builds the digits loader (see `pipelines.build_loader` for the contract).
 
     Args:
@@ -55,7 +63,16 @@ def build_digits(split: str, *, batch_size: int, rank: int = 0, world_size: int 
     """
     check_common(batch_size=batch_size, rank=rank, world_size=world_size)
     x, y = load_digits_split(split)
-    return TensorLoader(torch.from_numpy(x), torch.from_numpy(y), transform=_normalize, draws=0,
-                        num_classes=DATASETS["digits"].num_classes,
-                        train=is_train_split(split), batch_size=batch_size, rank=rank, world_size=world_size,
-                        seed=seed, device=device)
+    return TensorLoader(
+        torch.from_numpy(x),
+        torch.from_numpy(y),
+        transform=_normalize,
+        draws=0,
+        num_classes=DATASETS["digits"].num_classes,
+        train=is_train_split(split),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=device,
+    )

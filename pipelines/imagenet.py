@@ -68,7 +68,8 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
     if not os.path.isdir(root):
         raise MissingDataError(
             f"ImageNet folder {root!r} not found: expected {root}/CLASS/*.JPEG (one folder per class, the val "
-            f"split sorted into class folders too). Pass data_dir holding train/ and val/.")
+            f"split sorted into class folders too). Pass data_dir holding train/ and val/."
+        )
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise MissingDataError(f"{root!r} has no class folders: expected {root}/CLASS/*.JPEG")
@@ -78,8 +79,10 @@ def list_images(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
         files = sorted(e.path for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(EXTENSIONS))
         if not files:
             # Class k would exist with no sample: the labels would still count it, silently skewing the task.
-            raise DataError(f"class folder {folder!r} has no {'/'.join(EXTENSIONS)} images (an interrupted "
-                            f"extraction?); restore its images, or remove the folder from every split")
+            raise DataError(
+                f"class folder {folder!r} has no {'/'.join(EXTENSIONS)} images (an interrupted "
+                f"extraction?); restore its images, or remove the folder from every split"
+            )
         paths += files
         labels += [k] * len(files)
     return paths, labels, classes
@@ -99,7 +102,8 @@ def verify_images(paths: list[str]) -> None:
         if not head.startswith(_SIGNATURES):
             raise DataError(
                 f"{path!r} is not a JPEG or PNG image (truncated or another format). Replace it with a good copy or "
-                f"delete it.")
+                f"delete it."
+            )
 
 
 def _pil_loader(path: str) -> Any:
@@ -124,7 +128,7 @@ def rrc_factors(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     s = SCALE[0] + (SCALE[1] - SCALE[0]) * u[:, :ATTEMPTS].astype(np.float64)
     lo, hi = np.log(RATIO)
-    a = np.exp(lo + (hi - lo) * u[:, ATTEMPTS:2 * ATTEMPTS].astype(np.float64))
+    a = np.exp(lo + (hi - lo) * u[:, ATTEMPTS : 2 * ATTEMPTS].astype(np.float64))
     return np.sqrt(s * a).astype(np.float32), np.sqrt(s / a).astype(np.float32)
 
 
@@ -134,8 +138,9 @@ def rrc_draws(u: np.ndarray) -> tuple[np.ndarray, ...]:
     return (*rrc_factors(u), u[:, -3], u[:, -2], u[:, -1] < 0.5)
 
 
-def rrc_window(h: np.ndarray, w: np.ndarray, fw: np.ndarray, fh: np.ndarray, uy: np.ndarray,
-               ux: np.ndarray) -> tuple[np.ndarray, ...]:
+def rrc_window(
+    h: np.ndarray, w: np.ndarray, fw: np.ndarray, fh: np.ndarray, uy: np.ndarray, ux: np.ndarray
+) -> tuple[np.ndarray, ...]:
     """RandomResizedCrop.get_params in float32 from given draws; the numpy twin of `dali_rrc_window`.
 
     Args:
@@ -201,8 +206,17 @@ def dali_rrc_window(shape: Any, fw: Any, fh: Any, uyx: Any) -> tuple[Any, Any]:
     return (fn.cast(fn.stack(top, left), dtype=types.INT32), fn.cast(fn.stack(ch, cw), dtype=types.INT32))
 
 
-def dali_pipeline(files: list[str], labels: list[int], *, train: bool, cuda: bool, batch_size: int,
-                  num_threads: int, device_id: int | None, draws: Any = None) -> Any:
+def dali_pipeline(
+    files: list[str],
+    labels: list[int],
+    *,
+    train: bool,
+    cuda: bool,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    draws: Any = None,
+) -> Any:
     """The DALI ImageNet graph over an explicit file list, read in list order.
 
     Args:
@@ -225,25 +239,36 @@ def dali_pipeline(files: list[str], labels: list[int], *, train: bool, cuda: boo
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=2)
     def imagenet():
         # pad_last_batch repeats the shard's last sample instead of wrapping into the next epoch's files.
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
-                                       name="Reader")
+        jpegs, label = fn.readers.file(
+            files=files, labels=labels, random_shuffle=False, pad_last_batch=True, name="Reader"
+        )
         decode = "mixed" if cuda else "cpu"
         if train:
             fw, fh, uyx, mirror = fn.external_source(
-                source=lambda info: draws(info.iteration), num_outputs=4, batch=True, batch_info=True,
-                dtype=[types.FLOAT, types.FLOAT, types.FLOAT, types.INT32])
+                source=lambda info: draws(info.iteration),
+                num_outputs=4,
+                batch=True,
+                batch_info=True,
+                dtype=[types.FLOAT, types.FLOAT, types.FLOAT, types.INT32],
+            )
             start, size = dali_rrc_window(fn.peek_image_shape(jpegs, dtype=types.FLOAT), fw, fh, uyx)
-            images = fn.decoders.image_slice(jpegs, start=start, shape=size, axis_names="HW", device=decode,
-                                             output_type=types.RGB)
+            images = fn.decoders.image_slice(
+                jpegs, start=start, shape=size, axis_names="HW", device=decode, output_type=types.RGB
+            )
             images = fn.resize(images, resize_x=SIZE, resize_y=SIZE, interp_type=types.INTERP_LINEAR)
             crop = {"mirror": mirror}
         else:
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=RESIZE, interp_type=types.INTERP_LINEAR)
             crop = {"crop": (SIZE, SIZE)}
-        images = fn.crop_mirror_normalize(images, mean=[255 * m for m in MEAN],
-                                          std=[255 * s for s in STD], dtype=types.FLOAT,
-                                          output_layout="CHW", **crop)
+        images = fn.crop_mirror_normalize(
+            images,
+            mean=[255 * m for m in MEAN],
+            std=[255 * s for s in STD],
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            **crop,
+        )
         return images, label
 
     pipe = imagenet()
@@ -278,8 +303,9 @@ class ImageFiles(torch.utils.data.Dataset):
         img = _pil_loader(self.paths[i])
         if self.train:
             *window, mirror = rrc_draws(sample_uniforms(key, np.array([i]), DRAWS))
-            top, left, h, w = (int(a[0]) for a in rrc_window(np.float32([img.height]), np.float32([img.width]),
-                                                               *window))
+            top, left, h, w = (
+                int(a[0]) for a in rrc_window(np.float32([img.height]), np.float32([img.width]), *window)
+            )
             img = TF.resized_crop(img, top, left, h, w, [SIZE, SIZE], InterpolationMode.BILINEAR, antialias=True)
             if mirror[0]:
                 img = TF.hflip(img)
@@ -291,11 +317,30 @@ class ImageFiles(torch.utils.data.Dataset):
 class ImageNetDali(DaliLoader):
     """ImageNet through DALI: one file-reader pipeline per pass, reading this rank's (remaining) plan in order."""
 
-    def __init__(self, paths: list[str], labels: list[int], *, num_classes: int, train: bool, batch_size: int,
-                 rank: int, world_size: int, seed: int, device: str | torch.device,
-                 num_threads: int | None = None) -> None:
-        super().__init__(n=len(paths), num_classes=num_classes, train=train, batch_size=batch_size, rank=rank,
-                         world_size=world_size, seed=seed, device=device)
+    def __init__(
+        self,
+        paths: list[str],
+        labels: list[int],
+        *,
+        num_classes: int,
+        train: bool,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: str | torch.device,
+        num_threads: int | None = None,
+    ) -> None:
+        super().__init__(
+            n=len(paths),
+            num_classes=num_classes,
+            train=train,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+        )
         self.paths, self.labels = paths, labels
         self.num_threads = num_threads or min(8, os.cpu_count() or 1)
 
@@ -312,25 +357,43 @@ class ImageNetDali(DaliLoader):
             fw, fh, uy, ux, mirror = rrc_draws(sample_uniforms(key, idx, DRAWS))
             return fw, fh, np.stack([uy, ux], axis=1), mirror.astype(np.int32)
 
-        return dali_pipeline([self.paths[i] for i in order], [self.labels[i] for i in order], train=self.train,
-                             cuda=self.device.type == "cuda", batch_size=self.batch_size,
-                             num_threads=self.num_threads, device_id=self._device_id(),
-                             draws=draws if self.train else None)
+        return dali_pipeline(
+            [self.paths[i] for i in order],
+            [self.labels[i] for i in order],
+            train=self.train,
+            cuda=self.device.type == "cuda",
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self._device_id(),
+            draws=draws if self.train else None,
+        )
 
     def _run_error(self, batches: list[np.ndarray], i: int, err: RuntimeError) -> Exception:
         # DALI says only "decoder failure"; the culprit is in the failing batch or a prefetched one: decode those
         # few files with PIL to name it.
-        for idx in batches[i:i + 3]:
+        for idx in batches[i : i + 3]:
             for j in idx:
                 _pil_loader(self.paths[j])  # raises DataError naming the file
-        return DataError(f"DALI failed on a batch of {os.path.dirname(os.path.dirname(self.paths[0]))!r} ({err}); "
-                         f"retry with backend='torch' to find the file.")
+        return DataError(
+            f"DALI failed on a batch of {os.path.dirname(os.path.dirname(self.paths[0]))!r} ({err}); "
+            f"retry with backend='torch' to find the file."
+        )
 
 
-def build_imagenet(split: str, *, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
-                   device: str | torch.device = "cpu", backend: str = "auto", seed: int = 0,
-                   num_threads: int | None = None, num_workers: int | None = None,
-                   verify: bool | None = None) -> ShardedLoader:
+def build_imagenet(
+    split: str,
+    *,
+    data_dir: str | os.PathLike,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    backend: str = "auto",
+    seed: int = 0,
+    num_threads: int | None = None,
+    num_workers: int | None = None,
+    verify: bool | None = None,
+) -> ShardedLoader:
     """Builds the ImageNet loader (see `pipelines.build_loader` for the contract).
 
     Args:
@@ -356,10 +419,16 @@ def build_imagenet(split: str, *, data_dir: str | os.PathLike, batch_size: int, 
     paths, labels, classes = list_images(root)
     if verify or (verify is None and len(paths) <= VERIFY_LIMIT):
         verify_images(paths)
-    common = {"num_classes": len(classes), "train": train, "batch_size": batch_size, "rank": rank,
-              "world_size": world_size, "seed": seed, "device": device}
+    common = {
+        "num_classes": len(classes),
+        "train": train,
+        "batch_size": batch_size,
+        "rank": rank,
+        "world_size": world_size,
+        "seed": seed,
+        "device": device,
+    }
     if backend == "dali":
         return ImageNetDali(paths, labels, num_threads=num_threads, **common)
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-    return MapLoader(ImageFiles(paths, labels, train=train), n=len(paths), num_workers=workers, keyed=train,
-                     **common)
+    return MapLoader(ImageFiles(paths, labels, train=train), n=len(paths), num_workers=workers, keyed=train, **common)

@@ -128,8 +128,10 @@ ENV_KEYS = ("CUBLAS_WORKSPACE_CONFIG", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MAST
 def global_state() -> dict:
     """Process-wide settings a test (or the code under test) could change and forget to put back."""
     return {
-        "deterministic algorithms": (torch.are_deterministic_algorithms_enabled(),
-                                     torch.is_deterministic_algorithms_warn_only_enabled()),
+        "deterministic algorithms": (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ),
         "threads": torch.get_num_threads(),
         "cudnn": (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic),
         "float32 matmul precision": torch.get_float32_matmul_precision(),

@@ -14,8 +14,14 @@ from einops import rearrange
 from pipelines.cifar10dvs import CLASSES as DVS_CLASSES
 
 
-def write_cifar(root: str, name: str, images_train: np.ndarray, labels_train: np.ndarray, images_test: np.ndarray,
-                labels_test: np.ndarray) -> str:
+def write_cifar(
+    root: str,
+    name: str,
+    images_train: np.ndarray,
+    labels_train: np.ndarray,
+    images_test: np.ndarray,
+    labels_test: np.ndarray,
+) -> str:
     """Writes the python-pickle release of CIFAR-10 (5 train batches) or CIFAR-100 under `root`.
 
     Args:
@@ -29,10 +35,15 @@ def write_cifar(root: str, name: str, images_train: np.ndarray, labels_train: np
     Returns:
         The folder written.
     """
+
     def entry(images: np.ndarray, labels: np.ndarray, key: str) -> dict:
         data = rearrange(np.asarray(images, np.uint8), "n h w c -> n (c h w)")
-        return {b"batch_label": b"fixture", key.encode(): [int(v) for v in labels], b"data": data,
-                b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}
+        return {
+            b"batch_label": b"fixture",
+            key.encode(): [int(v) for v in labels],
+            b"data": data,
+            b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+        }
 
     def dump(path: str, obj: dict) -> None:
         with open(path, "wb") as f:

@@ -46,8 +46,13 @@ def write_reference(path, arch, K, T, opts, *, prefix="", old=False, extra=None)
     sd = random_state_dict(layout(arch, K, T, **opts), float64_gates=arch == "sew7b_wide")
     stored = {prefix + (old_naming(k) if old else k): v for k, v in sd.items()}
     if arch == "sew7b_wide":
-        payload = {"net": stored, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-                   "lr_scheduler": {"last_epoch": 3}, "epoch": 168, "max_test_acc": 0.781}
+        payload = {
+            "net": stored,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "lr_scheduler": {"last_epoch": 3},
+            "epoch": 168,
+            "max_test_acc": 0.781,
+        }
     else:
         payload = {"state_dict": stored}
     payload.update(extra or {})
@@ -97,8 +102,9 @@ def test_unreleased_layouts_inferred_from_shapes(tmp_path, name, arch, K, T, opt
     assert_loaded(model, sd)
 
 
-@pytest.mark.parametrize("arch, K, T", [("resnet19", 10, 2), ("resnet18ms", 1000, 2), ("sew7b_wide", 10, 2),
-                                        ("cifarnet", 10, 2)])
+@pytest.mark.parametrize(
+    "arch, K, T", [("resnet19", 10, 2), ("resnet18ms", 1000, 2), ("sew7b_wide", 10, 2), ("cifarnet", 10, 2)]
+)
 def test_old_container_naming_and_prefixes(tmp_path, arch, K, T):
     opts = {"td": False} if arch == "resnet18ms" else {}
     path = tmp_path / "old.pth.tar"
@@ -185,7 +191,10 @@ def test_the_name_is_a_default_the_tensors_decide(tmp_path, caplog):
         model = glif2.load_reference_checkpoint(path, eager=True)
     assert caplog.messages == ["checkpoint_max.pth: T=4 from conduct's shape (the name suggests 16)"]
     assert (model.model_config["name"], model.model_config["num_classes"], model.model_config["T"]) == (
-        "sew7b_wide", 10, 4)
+        "sew7b_wide",
+        10,
+        4,
+    )
     assert model.checkpoint_meta["dataset"] == "cifar10dvs" and model.conv[0][1].alpha.dtype == torch.float64
     authors = glif2.create_model("sew7b_wide", 10, 4, eager=True)  # plain BN, float64 gates: their 7B-wideNet
     authors.load_state_dict({ours(k): v for k, v in sd.items()}, strict=True)
@@ -203,8 +212,10 @@ def test_a_cifar_name_with_other_tensors(tmp_path, caplog):
     sd = write_reference(path, "resnet19", 100, 2, {})
     with caplog.at_level(logging.WARNING, logger="glif2.checkpoint"):
         model = glif2.load_reference_checkpoint(path)
-    assert caplog.messages == [f"{path.name}: num_classes=100 from the classifier's rows (the name suggests 10); T=2 "
-                               "from conduct's shape (the name suggests 4)"]
+    assert caplog.messages == [
+        f"{path.name}: num_classes=100 from the classifier's rows (the name suggests 10); T=2 "
+        "from conduct's shape (the name suggests 4)"
+    ]
     assert (model.model_config["num_classes"], model.model_config["T"]) == (100, 2)
     assert model.checkpoint_meta["dataset"] is None  # not CIFAR-10: eval.py guesses cifar100 from the classes
     assert_loaded(model, sd)
@@ -244,15 +255,29 @@ def _trained_small(T=2):
 def test_round_trip_identical_logits(tmp_path):
     model, opt, x = _trained_small()
     sched = torch.optim.lr_scheduler.StepLR(opt, 5)
-    path = glif2.save_checkpoint(tmp_path / "run" / "last.pt", model=model, optimizer=opt, scheduler=sched,
-                                 rng=rng_state(), epoch=4, step=40, best_acc=91.5,
-                                 config={"dataset": "digits", "lr": 0.1, "milestones": [3, 6]})
+    path = glif2.save_checkpoint(
+        tmp_path / "run" / "last.pt",
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        rng=rng_state(),
+        epoch=4,
+        step=40,
+        best_acc=91.5,
+        config={"dataset": "digits", "lr": 0.1, "milestones": [3, 6]},
+    )
     ckpt = glif2.load_checkpoint(path)
     assert ckpt["epoch"] == 4 and ckpt["config"]["milestones"] == [3, 6] and "state" in ckpt["optimizer"]
     loaded = glif2.load_model(path)
     assert loaded.model_config == model.model_config and loaded.model_config["gate_mode"] == "hard"
-    assert loaded.checkpoint_meta == {"format": "glif2", "path": str(path), "dataset": "digits", "epoch": 4,
-                                      "step": 40, "best_acc": 91.5}
+    assert loaded.checkpoint_meta == {
+        "format": "glif2",
+        "path": str(path),
+        "dataset": "digits",
+        "epoch": 4,
+        "step": 40,
+        "best_acc": 91.5,
+    }
     model.eval(), loaded.eval()
     assert torch.equal(model(x), loaded(x))
     opt2 = torch.optim.SGD(loaded.parameters(), lr=0.1, momentum=0.9)
@@ -308,13 +333,15 @@ def test_configs_under_the_deprecated_gate_names_load_silently(tmp_path, recwarn
     with pytest.warns(DeprecationWarning, match="gates= is deprecated"):
         model = glif2.create_model("glifnet_small", 10, 2, gates="hard", memory="off")
     assert model.model_config["gate_mode"] == "hard" and "gates" not in model.model_config
-    config = {("gates" if k == "gate_mode" else "gate" if k == "gate_init" else k): v
-              for k, v in model.model_config.items()}
+    config = {
+        ("gates" if k == "gate_mode" else "gate" if k == "gate_init" else k): v for k, v in model.model_config.items()
+    }
     path = glif2.save_checkpoint(tmp_path / "old.pt", model=model, model_config=config)
     recwarn.clear()
     loaded = glif2.load_model(path)
     assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
     assert loaded.model_config["gate_mode"] == "hard" and loaded.features[1].gate_mode == "hard"
+
 
 def test_rng_state_round_trip(tmp_path):
     path = glif2.save_checkpoint(tmp_path / "rng.pt", rng=rng_state())

@@ -166,18 +166,25 @@ def test_no_grad_workaround_still_needed():
             return
     assert not torch.equal(got.reshape(x.shape), expected.reshape(x.shape)), (
         "dynamo now traces GLIFFunction.apply under no_grad: remove the workaround in GLIF.forward "
-        "(glif2/neuron.py) and this test")
+        "(glif2/neuron.py) and this test"
+    )
 
 
 def neuron_zoo() -> nn.Module:
     """One network with every neuron form: hard gates, layer-wise, GLIF_f, static parameters with static gates."""
     torch.manual_seed(0)
-    forms = [dict(channels=8, gate_mode="hard"), dict(channels=None), dict(channels=8, variant="glif_f"),
-             dict(channels=8, params="static", gate_mode="static_hard", surrogate="atan")]
+    forms = [
+        dict(channels=8, gate_mode="hard"),
+        dict(channels=None),
+        dict(channels=8, variant="glif_f"),
+        dict(channels=8, params="static", gate_mode="static_hard", surrogate="atan"),
+    ]
     layers = []
     for i, form in enumerate(forms):
-        layers += [TimeMerged(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1, bias=False), tdBatchNorm(8)),
-                   GLIF(3, **form)]
+        layers += [
+            TimeMerged(nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1, bias=False), tdBatchNorm(8)),
+            GLIF(3, **form),
+        ]
     return nn.Sequential(*layers)
 
 
@@ -233,8 +240,14 @@ def test_regional_compile_makes_one_graph_per_distinct_block_shape():
     seen = set()
 
     def record(module, args):
-        seen.add((type(module).__name__, tuple(tuple(p.shape) for p in module.parameters()),
-                  tuple(tuple(a.shape) for a in args), module.training))
+        seen.add(
+            (
+                type(module).__name__,
+                tuple(tuple(p.shape) for p in module.parameters()),
+                tuple(tuple(a.shape) for a in args),
+                module.training,
+            )
+        )
 
     hooks = [r.register_forward_pre_hook(record) for r in regions(model)]
     compile_regions(model)

@@ -103,14 +103,20 @@ def test_hand_counted_spikes():
     assert conv_accumulates(x, same).item() == (4 + 3 * 9) * 2
 
 
-@given(kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
-       groups=st.sampled_from([1, 2]), mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
-       size=st.integers(3, 6), seed=st.integers(0, 2**16))
+@given(
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    groups=st.sampled_from([1, 2]),
+    mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    size=st.integers(3, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_conv_accumulates_equal_a_loop(kernel, stride, padding, dilation, groups, mode, size, seed):
     """Against a loop over every output and kernel tap of the padded input (numpy's pad: its own modes)."""
     assume(size + 2 * padding > dilation * (kernel - 1))  # the kernel fits the padded input
-    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                     padding_mode=mode)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode)
     x = torch.randint(0, 3, (2, 4, size, size), generator=torch.Generator().manual_seed(seed)).float()
     pad = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode]
     xp = np.pad(x.numpy(), [(0, 0), (0, 0), (padding, padding), (padding, padding)], mode=pad)
@@ -121,7 +127,7 @@ def test_conv_accumulates_equal_a_loop(kernel, stride, padding, dilation, groups
     for o, oy, ox, ky, kx in itertools.product(range(6), range(out), range(out), range(kernel), range(kernel)):
         g = o // (6 // groups)
         y, x_ = oy * stride + ky * dilation, ox * stride + kx * dilation
-        total += xp[:, g * per_group:(g + 1) * per_group, y, x_].sum()
+        total += xp[:, g * per_group : (g + 1) * per_group, y, x_].sum()
     assert conv_accumulates(x, conv).item() == total
 
 
@@ -131,8 +137,15 @@ def test_counts_match_a_hand_count_on_a_small_net():
     torch.manual_seed(0)
     model = Tiny().eval()
     seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    modules = {"enc": model.enc[0], "c2": model.c2[0], "c3": model.c3[0], "c4": model.c4[0], "fc1": model.fc1,
-               "fc2": model.fc2, "pool": model.pool[0]}
+    modules = {
+        "enc": model.enc[0],
+        "c2": model.c2[0],
+        "c3": model.c3[0],
+        "c4": model.c4[0],
+        "fc1": model.fc1,
+        "fc2": model.fc2,
+        "pool": model.pool[0],
+    }
     for name, m in modules.items():
         m.register_forward_hook(lambda m, i, o, n=name: seen.setdefault(n, []).append((i[0].clone(), o.clone())))
     batches = [torch.randn(3, 2, 8, 8) * 2, torch.randn(2, 2, 8, 8) * 2]
@@ -140,12 +153,14 @@ def test_counts_match_a_hand_count_on_a_small_net():
         for x in batches:
             model(x)
     report = counter.report(e_ac=0.5, e_mac=2.0)
-    expected = {"enc": (0.0, sum(dense_macs(o, model.enc[0]) for _, o in seen["enc"])),
-                "c2": (sum(loop_accumulates(i, model.c2[0]) for i, _ in seen["c2"]), 0),
-                "c3": (sum(loop_accumulates(i, model.c3[0]) for i, _ in seen["c3"]), 0),
-                "c4": (sum(pooled_accumulates(i, model.c4[0], 2) for i, _ in seen["pool"]), 0),
-                "fc1": (sum(float(i.sum()) * 5 for i, _ in seen["fc1"]), 0),
-                "fc2": (0.0, sum(dense_macs(o, model.fc2) for _, o in seen["fc2"]))}
+    expected = {
+        "enc": (0.0, sum(dense_macs(o, model.enc[0]) for _, o in seen["enc"])),
+        "c2": (sum(loop_accumulates(i, model.c2[0]) for i, _ in seen["c2"]), 0),
+        "c3": (sum(loop_accumulates(i, model.c3[0]) for i, _ in seen["c3"]), 0),
+        "c4": (sum(pooled_accumulates(i, model.c4[0], 2) for i, _ in seen["pool"]), 0),
+        "fc1": (sum(float(i.sum()) * 5 for i, _ in seen["fc1"]), 0),
+        "fc2": (0.0, sum(dense_macs(o, model.fc2) for _, o in seen["fc2"])),
+    }
     rows = {r["name"].split(".")[0]: r for r in report["layers"]}
     assert list(rows) == list(expected) and report["samples"] == 5 and report["steps"] == 2
     for name, (sops, macs) in expected.items():
@@ -182,12 +197,35 @@ def _firing(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("arch, x, kinds", [
-    ("glifnet_small", torch.rand(4, 1, 8, 8), ["input", "spikes", "pooled spikes", "real"]),
-    ("sew7b_wide", torch.randint(0, 3, (2, 2, 2, 16, 16)).float(),
-     ["input", "spikes", "spikes", "counts", "spikes", "counts", "spikes", "counts", "spikes", "pooled counts",
-      "spikes", "spikes", "pooled counts", "spikes", "real", "spikes", "real"]),
-])
+@pytest.mark.parametrize(
+    "arch, x, kinds",
+    [
+        ("glifnet_small", torch.rand(4, 1, 8, 8), ["input", "spikes", "pooled spikes", "real"]),
+        (
+            "sew7b_wide",
+            torch.randint(0, 3, (2, 2, 2, 16, 16)).float(),
+            [
+                "input",
+                "spikes",
+                "spikes",
+                "counts",
+                "spikes",
+                "counts",
+                "spikes",
+                "counts",
+                "spikes",
+                "pooled counts",
+                "spikes",
+                "spikes",
+                "pooled counts",
+                "spikes",
+                "real",
+                "spikes",
+                "real",
+            ],
+        ),
+    ],
+)
 def test_registered_nets_name_their_inputs(arch, x, kinds):
     """What feeds each synaptic layer of the digits net and the SEW net (ADD sums are counts; after the second
     pool, the sums of spikes and pooled counts are no longer counts of anything: real); totals add up."""

@@ -33,8 +33,7 @@ def tiny_checkpoints(tmp_path_factory):
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.momentum = 1.0
             model(x)
-        paths.append(glif2.save_checkpoint(folder / f"tiny{i}.pt", model=model, epoch=i,
-                                           config={"dataset": "digits"}))
+        paths.append(glif2.save_checkpoint(folder / f"tiny{i}.pt", model=model, epoch=i, config={"dataset": "digits"}))
     return folder, paths
 
 
@@ -51,10 +50,12 @@ def test_eval_file_writes_json(tiny_checkpoints, tmp_path, capsys):
     # every number again by hand: the checkpoint's model in eval mode over the whole digits test split
     model = glif2.load_model(paths[0]).eval()
     spikes = {name: [] for name, _ in glif_layers(model)}
-    handles = [m.register_forward_hook(lambda m, i, o, n=name: spikes[n].append(o.detach()))
-               for name, m in glif_layers(model)]
-    x, y = (torch.cat(v) for v in zip(*pipelines.build_loader("digits", "test", data_dir=None, batch_size=360),
-                                      strict=True))
+    handles = [
+        m.register_forward_hook(lambda m, i, o, n=name: spikes[n].append(o.detach())) for name, m in glif_layers(model)
+    ]
+    x, y = (
+        torch.cat(v) for v in zip(*pipelines.build_loader("digits", "test", data_dir=None, batch_size=360), strict=True)
+    )
     with torch.no_grad():
         logits = model(x)
     for h in handles:
@@ -77,14 +78,16 @@ def test_eval_report(tiny_checkpoints, tmp_path, capsys):
     in one batch; the table is printed, the JSON holds it, the constants are the ones given."""
     _, paths = tiny_checkpoints
     out = tmp_path / "report.json"
-    cli.eval_main(["--checkpoint", str(paths[0]), "--batch-size", "90", "--report", "--e-ac", "0.5", "--json",
-                   str(out)])
+    cli.eval_main(
+        ["--checkpoint", str(paths[0]), "--batch-size", "90", "--report", "--e-ac", "0.5", "--json", str(out)]
+    )
     (row,) = json.loads(out.read_text())
     cost = row["cost"]
     assert (cost["samples"], cost["steps"], cost["e_ac_pj"], cost["e_mac_pj"]) == (360, 2, 0.5, E_MAC)
     model = glif2.load_model(paths[0]).eval()
-    x, _ = (torch.cat(v) for v in zip(*pipelines.build_loader("digits", "test", data_dir=None, batch_size=360),
-                                      strict=True))
+    x, _ = (
+        torch.cat(v) for v in zip(*pipelines.build_loader("digits", "test", data_dir=None, batch_size=360), strict=True)
+    )
     with torch.no_grad(), CostCounter(model) as counter:
         model(x)
     expected = counter.report(e_ac=0.5)
@@ -101,8 +104,18 @@ def test_eval_report(tiny_checkpoints, tmp_path, capsys):
 
 def test_eval_folder_one_row_each(tiny_checkpoints, tmp_path):
     folder, paths = tiny_checkpoints
-    rows = cli.eval_main(["--checkpoint", str(folder), "--dataset", "digits", "--batch-size", "180",
-                            "--json", str(tmp_path / "all.json")])
+    rows = cli.eval_main(
+        [
+            "--checkpoint",
+            str(folder),
+            "--dataset",
+            "digits",
+            "--batch-size",
+            "180",
+            "--json",
+            str(tmp_path / "all.json"),
+        ]
+    )
     assert [r["checkpoint"] for r in rows] == [str(p) for p in paths]
     assert [r["T"] for r in rows] == [2, 3]
     assert len(json.loads((tmp_path / "all.json").read_text())) == 2
@@ -129,6 +142,7 @@ def test_eval_folder_skips_a_damaged_file_and_reports_it(tiny_checkpoints, tmp_p
         cli.eval_main(["--checkpoint", str(cut), "--dataset", "digits"])
     assert exit_info.value.code == 2 and "of 3 files" not in capsys.readouterr().err
 
+
 def test_evaluate_metrics_match_manual():
     torch.manual_seed(0)
     logits = torch.randn(50, 7)
@@ -152,8 +166,24 @@ def test_eval_errors(tmp_path):
 def test_eval_cli(tiny_checkpoints, tmp_path):
     _, paths = tiny_checkpoints
     out = tmp_path / "cli.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(paths[1]), "--dataset",
-                           "digits", "--batch-size", "360", "--json", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval.py"),
+            "--checkpoint",
+            str(paths[1]),
+            "--dataset",
+            "digits",
+            "--batch-size",
+            "360",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())[0]["T"] == 3

@@ -325,8 +325,9 @@ def test_bad_input_shape_and_unknown_networks(export):
         export.export_nir(model, input_shape=(8, 8))
     with pytest.raises(glif2.ExportError, match="Sequential: no NIR export for this network"):
         export.export_nir(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)), input_shape=(1, 8, 8))
-    bare = glif2.models.convnets.GLIFNetSmall(num_classes=10, T=T, neuron=lambda c: GLIF(T, c),
-                                              norm=torch.nn.BatchNorm2d)
+    bare = glif2.models.convnets.GLIFNetSmall(
+        num_classes=10, T=T, neuron=lambda c: GLIF(T, c), norm=torch.nn.BatchNorm2d
+    )
     with pytest.raises(glif2.ConfigError, match="input size is unknown"):
         export.export_nir(bare)
 

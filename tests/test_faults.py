@@ -39,8 +39,9 @@ def train(tmp_path, *flags: str, name: str = "r") -> dict:
 
 def script(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """A command line run the way a user runs it (a fresh interpreter), with its output captured."""
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300, **kwargs
+    )
 
 
 def one_line_error(stderr: str, prog: str) -> str:
@@ -68,7 +69,7 @@ def _flip(data: bytes, member: str) -> bytes:
 
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         info = next(i for i in archive.infolist() if i.filename.endswith(member))
-    header = data[info.header_offset: info.header_offset + 30]
+    header = data[info.header_offset : info.header_offset + 30]
     start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
     out = bytearray(data)
     out[start + info.compress_size // 2] ^= 0xFF
@@ -85,12 +86,24 @@ def _largest_tensor(data: bytes) -> str:
 # name -> (which good file it starts from, how it is damaged, what the error must say)
 DAMAGE = {
     "empty": ("zip", lambda d: b"", "the file is empty (0 bytes)"),
-    **{f"zip-cut-{where}": ("zip", cut, "zip checkpoint cut short") for where, cut in
-       {"1B": lambda d: d[:1], "100B": lambda d: d[:100], "half": lambda d: d[: len(d) // 2],
-        "last-byte": lambda d: d[:-1]}.items()},
-    **{f"legacy-cut-{where}": ("legacy", cut, "legacy (non-zip) PyTorch file that ends early") for where, cut in
-       {"1B": lambda d: d[:1], "100B": lambda d: d[:100], "half": lambda d: d[: len(d) // 2],
-        "last-byte": lambda d: d[:-1]}.items()},
+    **{
+        f"zip-cut-{where}": ("zip", cut, "zip checkpoint cut short")
+        for where, cut in {
+            "1B": lambda d: d[:1],
+            "100B": lambda d: d[:100],
+            "half": lambda d: d[: len(d) // 2],
+            "last-byte": lambda d: d[:-1],
+        }.items()
+    },
+    **{
+        f"legacy-cut-{where}": ("legacy", cut, "legacy (non-zip) PyTorch file that ends early")
+        for where, cut in {
+            "1B": lambda d: d[:1],
+            "100B": lambda d: d[:100],
+            "half": lambda d: d[: len(d) // 2],
+            "last-byte": lambda d: d[:-1],
+        }.items()
+    },
     "zip-flipped-tensor": ("zip", lambda d: _flip(d, _largest_tensor(d)), "/data/"),
     "zip-flipped-pickle": ("zip", lambda d: _flip(d, "data.pkl"), "data.pkl' is damaged"),
     "html-page": ("zip", lambda d: b"<!DOCTYPE html><html>Sign in to download</html>\n", "not a PyTorch checkpoint"),
@@ -98,8 +111,13 @@ DAMAGE = {
     "needs-code-legacy": ("code-legacy", lambda d: d, "Python object of type test_faults.Opaque"),
 }
 # What the user is told to do, by kind of damage.
-ADVICE = {"empty": "copy or download it again", "cut": "copy or download it again", "flipped": "download it again",
-          "html": "pass a file written by torch.save", "code": "weights_only=False"}
+ADVICE = {
+    "empty": "copy or download it again",
+    "cut": "copy or download it again",
+    "flipped": "download it again",
+    "html": "pass a file written by torch.save",
+    "code": "weights_only=False",
+}
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +129,12 @@ def good_files(tmp_path_factory):
     payload = {"state_dict": model.state_dict(), "epoch": 3}
     coded = {**payload, "args": Opaque()}
     files = {}
-    for key, obj, legacy in (("zip", payload, False), ("legacy", payload, True), ("code-zip", coded, False),
-                             ("code-legacy", coded, True)):
+    for key, obj, legacy in (
+        ("zip", payload, False),
+        ("legacy", payload, True),
+        ("code-zip", coded, False),
+        ("code-legacy", coded, True),
+    ):
         torch.save(obj, folder / key, _use_new_zipfile_serialization=not legacy)
         files[key] = (folder / key).read_bytes()
     return files
@@ -136,8 +158,9 @@ def test_the_good_files_load(tmp_path, good_files):
 LOADERS = {
     "load_checkpoint": glif2.load_checkpoint,
     "load_model": glif2.load_model,
-    "load_reference_checkpoint": lambda p: glif2.load_reference_checkpoint(p, arch="glifnet_small", num_classes=10,
-                                                                          T=2),
+    "load_reference_checkpoint": lambda p: glif2.load_reference_checkpoint(
+        p, arch="glifnet_small", num_classes=10, T=2
+    ),
 }
 
 
@@ -158,8 +181,13 @@ def test_damaged_files_raise_checkpoint_error(tmp_path, good_files, kind, loader
 
 def test_our_checkpoint_with_a_damaged_tensor_is_refused(tmp_path):
     """A bit flip in last.pt (a disk fault) would have resumed training from wrong weights, silently."""
-    path = save_checkpoint(tmp_path / "last.pt", model=glif2.create_model("glifnet_small", 10, 2),
-                           config={"dataset": "digits"}, epoch=1, step=22)
+    path = save_checkpoint(
+        tmp_path / "last.pt",
+        model=glif2.create_model("glifnet_small", 10, 2),
+        config={"dataset": "digits"},
+        epoch=1,
+        step=22,
+    )
     data = path.read_bytes()
     path.write_bytes(_flip(data, _largest_tensor(data)))
     with pytest.raises(CheckpointError, match=r"last\.pt: cannot be read: its zip member .*/data/\d+' is damaged"):
@@ -177,9 +205,11 @@ def test_command_lines_refuse_a_damaged_file_in_one_line(tmp_path, good_files, c
     """eval.py, python -m glif2.convert and train.py --resume: exit status 2 and one line naming the file."""
     path = _damaged(tmp_path, good_files, "zip-cut-half")
     out = tmp_path / "out"
-    for prog, call in [("glif2-eval", lambda: cli.eval_main(["--checkpoint", str(path)])),
-                       ("python -m glif2.convert", lambda: convert.main([str(path), str(out / "x.pt")])),
-                       ("glif2-train", lambda: train(out, "--resume", str(path)))]:
+    for prog, call in [
+        ("glif2-eval", lambda: cli.eval_main(["--checkpoint", str(path)])),
+        ("python -m glif2.convert", lambda: convert.main([str(path), str(out / "x.pt")])),
+        ("glif2-train", lambda: train(out, "--resume", str(path))),
+    ]:
         with pytest.raises(SystemExit) as e:
             call()
         assert e.value.code == 2, prog
@@ -220,8 +250,12 @@ def test_command_lines_print_no_traceback(tmp_path, good_files):
         "python -m glif2.convert": ["-m", "glif2.convert", str(path), str(tmp_path / "x.pt")],
         "glif2-train": ["train.py", *FAST, "--out-dir", str(tmp_path / "runs"), "--resume", str(path)],
     }
-    procs = {prog: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    cwd=ROOT, env=ENV) for prog, args in commands.items()}
+    procs = {
+        prog: subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV
+        )
+        for prog, args in commands.items()
+    }
     for prog, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, (prog, err)
@@ -268,6 +302,7 @@ def test_numbers_that_cannot_train_are_refused_up_front(tmp_path, capsys, flags,
 
 def test_a_bug_inside_the_loop_keeps_its_traceback(tmp_path, monkeypatch):
     """Before, every ValueError (a bug too) became a one-line 'error' with exit status 2 and no traceback."""
+
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
 
@@ -293,9 +328,25 @@ def test_command_line_traceback_only_for_bugs(tmp_path):
     procs = {}
     for error in ("ValueError", "ConfigError"):
         source = "from glif2.errors import ConfigError\n" + _BUGGY.format(error=error, text="raised inside the loop")
-        procs[error] = subprocess.Popen([sys.executable, "-c", source, *FAST, "--epochs", "1", "--max-steps", "2",
-                                         "--out-dir", str(tmp_path / error)], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+        procs[error] = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                source,
+                *FAST,
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--out-dir",
+                str(tmp_path / error),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+        )
     bug, user = (procs[e].communicate(timeout=300)[1] for e in ("ValueError", "ConfigError"))
     assert procs["ValueError"].returncode == 1, bug
     assert "Traceback (most recent call last)" in bug and "in bug" in bug
@@ -337,12 +388,16 @@ def test_runs_never_overwrite_each_other(tmp_path, capsys):
 def test_models_take_their_input_layer_from_the_dataset():
     """Input channels (digits 1, CIFAR and ImageNet 3, CIFAR10-DVS 2) and, for the fixed-resolution heads, the input
     side come from the dataset table; a model of event frames is refused on images, and the reverse, naming both."""
-    options = {ds: setup.model_options(TrainConfig.from_name("digits", dataset=ds, model="cifarnet"))
-               for ds in ("digits", "cifar10", "imagenet")}
+    options = {
+        ds: setup.model_options(TrainConfig.from_name("digits", dataset=ds, model="cifarnet"))
+        for ds in ("digits", "cifar10", "imagenet")
+    }
     assert [options[ds]["in_channels"] for ds in options] == [1, 3, 3]
     assert [options[ds]["input_size"] for ds in options] == [8, 32, 224]
-    assert setup.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="sew7b_wide"))[
-        "in_channels"] == 2
+    assert (
+        setup.model_options(TrainConfig.from_name("digits", dataset="cifar10dvs", model="sew7b_wide"))["in_channels"]
+        == 2
+    )
     with pytest.raises(ConfigError, match="sew7b_wide takes event frames .* cifar10 gives images"):
         setup.model_options(TrainConfig.from_name("digits", dataset="cifar10", model="sew7b_wide"))
     with pytest.raises(ConfigError, match="resnet19 takes images .* cifar10dvs gives event frames"):
@@ -393,12 +448,27 @@ dist.destroy()
 def _group(port: int, delays: tuple[float, float], dies: tuple[bool, bool]) -> list[tuple[int, str]]:
     """Two ranks set up as torchrun sets them up (the agent's store at MASTER_ADDR:MASTER_PORT, shared by every
     group of the job); rank r starts delays[r] seconds late, and is SIGKILLed after its all-reduce if dies[r]."""
-    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "TORCHELASTIC_USE_AGENT_STORE": "True"}
-    return _finish([subprocess.Popen([sys.executable, "-c", _GROUP, str(delay), "die" if die else ""],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                     env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-                    for r, (delay, die) in enumerate(zip(delays, dies, strict=True))], timeout=120)
+    env = {
+        **ENV,
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+    }
+    return _finish(
+        [
+            subprocess.Popen(
+                [sys.executable, "-c", _GROUP, str(delay), "die" if die else ""],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=ROOT,
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            )
+            for r, (delay, die) in enumerate(zip(delays, dies, strict=True))
+        ],
+        timeout=120,
+    )
 
 
 def test_a_restarted_group_forms_although_the_store_holds_the_dead_groups_keys():
@@ -430,8 +500,17 @@ def test_sigterm_ends_a_rank_waiting_in_a_collective_on_a_dead_peer():
     """Before, a SIGTERM (torchrun stopping the survivors of a group) only set a flag, which the rank read after its
     collective: it waited out the process-group timeout (30 min)."""
     env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0])}
-    procs = [subprocess.Popen([sys.executable, "-c", _STUCK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _STUCK],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+        )
+        for r in (0, 1)
+    ]
     try:
         for proc in procs:
             assert proc.stdout.readline().strip() == "ready"
@@ -465,8 +544,9 @@ time.sleep(600)
 def test_a_rank_does_not_outlive_its_launcher(tmp_path):
     """torchrun starts each rank in a session of its own: before, ranks whose launcher was killed ran on."""
     marker = tmp_path / "worker.pid"
-    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _WORKER, str(marker)], cwd=ROOT,
-                                env={**ENV, "TORCHELASTIC_RUN_ID": "test"})
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, _WORKER, str(marker)], cwd=ROOT, env={**ENV, "TORCHELASTIC_RUN_ID": "test"}
+    )
     try:
         deadline = time.monotonic() + 60
         while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
@@ -513,9 +593,29 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 def _torchrun(tmp_path: Path, name: str) -> subprocess.Popen:
     """The README's restartable 2-rank CPU job."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "1", "train.py", *FAST, "--epochs", "3", "--deterministic", "--resume", "auto", "--dist-timeout", "120",
-           "--out-dir", str(tmp_path), "--name", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "1",
+        "train.py",
+        *FAST,
+        "--epochs",
+        "3",
+        "--deterministic",
+        "--resume",
+        "auto",
+        "--dist-timeout",
+        "120",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        name,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV)
 
 

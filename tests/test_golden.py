@@ -186,8 +186,10 @@ def mismatch(golden: dict, logits: Tensor, counts: list[tuple[str, list[int]]]) 
         diff = (logits.double() - expected.double()).abs()
         bound = LOGIT_TOLERANCE * expected.abs().max().item()
         if (diff > bound).any():
-            problems.append(f"logits differ beyond {bound:.3g} in {int((diff > bound).sum())}/{diff.numel()} "
-                            f"entries, max |diff| {diff.max().item():.3g}")
+            problems.append(
+                f"logits differ beyond {bound:.3g} in {int((diff > bound).sum())}/{diff.numel()} "
+                f"entries, max |diff| {diff.max().item():.3g}"
+            )
     return "; ".join(problems)
 
 

@@ -7,7 +7,6 @@ rebuilt-bit-for-bit inputs), 1e-9 relative in float64 under torch.compile; a sin
 SyncBatchNorm across two processes; hypothesis for the bit packing.
 """
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,9 +68,13 @@ def _step(model, x, y, amp: bool = False, wrap=None):
         logits = (model if wrap is None else wrap)(x)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
-    return {"loss": loss.detach(), "logits": logits.detach(), "x": x.grad.clone(),
-            **{f"grad {k}": p.grad for k, p in model.named_parameters() if p.grad is not None},
-            **{f"buffer {k}": b.clone() for k, b in model.named_buffers()}}
+    return {
+        "loss": loss.detach(),
+        "logits": logits.detach(),
+        "x": x.grad.clone(),
+        **{f"grad {k}": p.grad for k, p in model.named_parameters() if p.grad is not None},
+        **{f"buffer {k}": b.clone() for k, b in model.named_buffers()},
+    }
 
 
 def _differ(a: dict, b: dict, rtol: float = 0.0) -> list[str]:
@@ -104,9 +107,16 @@ def test_bitwise_equal_under_bf16_autocast(name):
     _assert_bitwise_to_off(_all_modes(name, amp=True))
 
 
-@pytest.mark.parametrize("options", [{"channel_wise": False}, {"variant": "glif_f"}, {"gate_mode": "hard"},
-                                     {"params": "static", "gate_mode": "static_soft", "surrogate": "atan"}],
-                         ids=["layer-wise", "glif_f", "hard", "static-atan"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"channel_wise": False},
+        {"variant": "glif_f"},
+        {"gate_mode": "hard"},
+        {"params": "static", "gate_mode": "static_soft", "surrogate": "atan"},
+    ],
+    ids=["layer-wise", "glif_f", "hard", "static-atan"],
+)
 def test_bitwise_equal_for_every_neuron_form(options):
     _assert_bitwise_to_off(_all_modes("resnet19", **options))
 
@@ -168,8 +178,10 @@ def test_compiled_modes_are_exact_and_keep_what_eager_keeps(scope):
         assert saved[mode][0] <= eager_figure + weights / neuron_steps(model, x.detach()) + 0.1, (mode, saved[mode])
     assert not _differ(results["off"], eager_off, rtol=1e-9), _differ(results["off"], eager_off, 1e-9)
     for mode in ("lean", "recompute"):
-        assert not _differ(results[mode], results["off"], rtol=1e-9), (mode, _differ(results[mode], results["off"],
-                                                                                     1e-9))
+        assert not _differ(results[mode], results["off"], rtol=1e-9), (
+            mode,
+            _differ(results[mode], results["off"], 1e-9),
+        )
 
 
 # packing
@@ -205,8 +217,9 @@ def test_grid_arithmetic():
     assert Grid(4, 4) + SPIKES == Grid(4, 8) and SPIKES * SPIKES == SPIKES
     spikes = (torch.rand(2, 3, 8, 8) > 0.5).float()
     pooled = F.avg_pool2d(spikes, 2)
-    assert torch.equal(unpack(pack(pooled, SPIKES.pooled(4)), SPIKES.pooled(4), tuple(pooled.shape), torch.float32),
-                       pooled)
+    assert torch.equal(
+        unpack(pack(pooled, SPIKES.pooled(4)), SPIKES.pooled(4), tuple(pooled.shape), torch.float32), pooled
+    )
 
 
 def test_custom_ops_pass_opcheck():
@@ -226,8 +239,11 @@ def test_custom_ops_pass_opcheck():
     finally:
         glif2.memory.fused.unit_forward = real
     v, tensors, coeffs, spec = calls[0]
-    torch.library.opcheck(torch.ops.glif2.unit_forward.default, (v, tensors, coeffs, spec),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.glif2.unit_forward.default,
+        (v, tensors, coeffs, spec),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
 
 
 # options
@@ -272,8 +288,9 @@ def _sync_worker(rank: int, port: int, mode: str, out: str) -> None:
         torch.distributed.all_reduce(p.grad)
         p.grad /= 2
     if rank == 0:
-        torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "buffers": dict(model.named_buffers())},
-                   out)
+        torch.save(
+            {"grads": {k: p.grad for k, p in model.named_parameters()}, "buffers": dict(model.named_buffers())}, out
+        )
     torch.distributed.destroy_process_group()
 
 
@@ -300,15 +317,26 @@ def test_sync_batchnorm_across_two_processes_equals_one_process(tmp_path, mode):
 
 def _pool_net(pool: nn.AvgPool2d) -> LeanSequential:
     torch.manual_seed(0)
-    return set_memory(LeanSequential(TimeMerged(nn.Conv2d(1, 4, 3, padding=1, bias=False), tdBatchNorm(4)), GLIF(2, 4),
-                                     TimeMerged(pool), image_steps=2), "lean")
+    return set_memory(
+        LeanSequential(
+            TimeMerged(nn.Conv2d(1, 4, 3, padding=1, bias=False), tdBatchNorm(4)),
+            GLIF(2, 4),
+            TimeMerged(pool),
+            image_steps=2,
+        ),
+        "lean",
+    )
 
 
-@pytest.mark.parametrize("pool, why", [
-    (nn.AvgPool2d(2, 2, ceil_mode=True), "ceil_mode"),
-    (nn.AvgPool2d(2, 2, padding=1, count_include_pad=False), "count_include_pad=False"),
-    (nn.AvgPool2d(2, 2, divisor_override=3), "divisor_override=3"),
-], ids=["ceil_mode", "padding-not-counted", "divisor"])
+@pytest.mark.parametrize(
+    "pool, why",
+    [
+        (nn.AvgPool2d(2, 2, ceil_mode=True), "ceil_mode"),
+        (nn.AvgPool2d(2, 2, padding=1, count_include_pad=False), "count_include_pad=False"),
+        (nn.AvgPool2d(2, 2, divisor_override=3), "divisor_override=3"),
+    ],
+    ids=["ceil_mode", "padding-not-counted", "divisor"],
+)
 def test_pools_whose_output_is_off_the_grid_are_refused(pool, why):
     """Packing a pool's output on the k / window grid is exact only for whole windows divided by their size: any
     other pool on spikes is refused at its first lean call, naming the option (a 7x7 map pooled by 4 with
@@ -353,11 +381,15 @@ def test_unit_layouts_round_trip():
     """The unit's static facts cross the custom-op schema as text and come back as the same typed spec; the tensor
     layouts flatten and unflatten by name."""
     spec = UnitSpec(
-        branches=(BranchSpec(Encoding.packed(Grid(4, 20)), ConvSpec((1, 1), (1, 1), (1, 1), 1), 1e-5, "", (8, 3, 4, 4),
-                             "float32"),
-                  BranchSpec(Encoding.repeated(4), None, 1e-3, "g", (2, 3, 4, 4), "bfloat16"),
-                  BranchSpec(Encoding(), None, 1e-5, "", (8, 3, 4, 4), "float64")),
-        neuron=NeuronSpec(4, "t b c ... -> t b c (...)", "rect", 1.0))
+        branches=(
+            BranchSpec(
+                Encoding.packed(Grid(4, 20)), ConvSpec((1, 1), (1, 1), (1, 1), 1), 1e-5, "", (8, 3, 4, 4), "float32"
+            ),
+            BranchSpec(Encoding.repeated(4), None, 1e-3, "g", (2, 3, 4, 4), "bfloat16"),
+            BranchSpec(Encoding(), None, 1e-5, "", (8, 3, 4, 4), "float64"),
+        ),
+        neuron=NeuronSpec(4, "t b c ... -> t b c (...)", "rect", 1.0),
+    )
     assert parse(spec.encode()) == spec and parse(spec.encode()).branches[0].conv.padding == (1, 1)
     assert parse(UnitSpec(spec.branches[:1], None).encode()).neuron is None
     tensors = [SavedBranch(*(torch.full((k + 1,), float(10 * b + k)) for k in range(6))) for b in range(3)]
@@ -391,8 +423,10 @@ def test_cuda_bitwise_equal_to_autograd_with_native_kernels(name, mode):
 def test_cuda_matches_the_plain_path_with_cudnn_and_compiled_kernels(mode):
     """With cuDNN the plain path's BN is cuDNN's and the unit's is ATen's native kernel: equal to float32 rounding,
     which the stem's weight gradient (a sum over every position of every step) amplifies most."""
-    with eager_kernels(False), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
-                                                          allow_tf32=False):
+    with (
+        eager_kernels(False),
+        torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False),
+    ):
         off, got = _cuda_step("resnet19", "off"), _cuda_step("resnet19", mode)
     assert not _differ(got, off, rtol=1e-3), _differ(got, off, rtol=1e-3)
 
@@ -429,8 +463,10 @@ def test_cuda_graphs_replay_the_compiled_step(scope):
     """CUDA graphs (reduce-overhead) replay the same kernels the plain compiled step runs: four SGD steps of the lean
     ResNet-19 end on the same parameters, so no replay reads a stale or overwritten buffer. One step agrees with the
     uncompiled lean model to float32 rounding (more steps would let rounding flip spikes and drift apart)."""
-    with eager_kernels(False), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
-                                                          allow_tf32=False):
+    with (
+        eager_kernels(False),
+        torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False),
+    ):
         eager_grads, _ = _train_steps("none", "none", steps=1)
         grads, plain = _train_steps(scope, "default")
         graph_grads, graphs = _train_steps(scope, "reduce-overhead")

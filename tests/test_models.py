@@ -44,8 +44,9 @@ SPEC_COUNTS = [
 
 def test_registry_lists_every_model():
     # A fresh interpreter: other test modules register probe models of their own into this process's registry.
-    out = subprocess.run([sys.executable, "-c", "import glif2; print(*glif2.list_models())"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "import glif2; print(*glif2.list_models())"], capture_output=True, text=True, check=True
+    ).stdout
     assert set(out.split()) == set(SMOKE)
     with pytest.raises(ValueError, match="unknown model"):
         glif2.create_model("resnet50", 10, 4)
@@ -75,8 +76,10 @@ def test_parameter_counts_and_key_layout(name, K, T, expected):
     spec = layout(name, K, T, **({"td": False} if name == "resnet18ms" else {}))
     assert count_params(spec) == expected
     ours = model.state_dict()
-    mapped = {".".join([*k.split(".")[:-1], REFERENCE_KEYS.get(k.split(".")[-1], k.split(".")[-1])]): shape
-              for k, (shape, _) in spec.items()}
+    mapped = {
+        ".".join([*k.split(".")[:-1], REFERENCE_KEYS.get(k.split(".")[-1], k.split(".")[-1])]): shape
+        for k, (shape, _) in spec.items()
+    }
     assert list(ours) == list(mapped)  # same names, same registration order
     assert all(tuple(ours[k].shape) == tuple(s) for k, s in mapped.items())
 
@@ -180,8 +183,9 @@ def test_per_step_logits_and_their_mean():
     f = captured(dvs.conv, lambda: dvs(frames)).flatten(2)  # t b (c h w)
     w, bias = dvs.out.weight, dvs.out.bias
     torch.testing.assert_close(dvs(frames), (f[0] + f[1]) / 2 @ w.T + bias, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dvs.forward_steps(frames), torch.stack([f[0] @ w.T + bias, f[1] @ w.T + bias]),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        dvs.forward_steps(frames), torch.stack([f[0] @ w.T + bias, f[1] @ w.T + bias]), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_firing_rates_count_every_spike():
@@ -191,8 +195,9 @@ def test_firing_rates_count_every_spike():
     model = glif2.create_model("glifnet_small", 10, 3, memory="off")
     x = torch.randn(5, 1, 8, 8)
     layers = dict(glif_layers(model))
-    spikes = {sign: {name: captured(layer, lambda s=sign: model(s * x)) for name, layer in layers.items()}
-              for sign in (1, -1)}  # t b c h w per layer, for two different batches
+    spikes = {
+        sign: {name: captured(layer, lambda s=sign: model(s * x)) for name, layer in layers.items()} for sign in (1, -1)
+    }  # t b c h w per layer, for two different batches
     once = {name: s.sum().item() / s.numel() for name, s in spikes[1].items()}
     assert len(set(once.values())) == len(once) and all(0 < r < 1 for r in once.values())
     rates = firing_rates(model, x)
@@ -202,8 +207,9 @@ def test_firing_rates_count_every_spike():
     with FiringRates(model) as fr:  # accumulated over calls
         model(x)
         model(-x)
-    both = {name: (spikes[1][name].sum() + spikes[-1][name].sum()).item() / (2 * spikes[1][name].numel())
-            for name in layers}
+    both = {
+        name: (spikes[1][name].sum() + spikes[-1][name].sum()).item() / (2 * spikes[1][name].numel()) for name in layers
+    }
     assert fr.rates() == pytest.approx(both, rel=1e-12) and fr.rates() != pytest.approx(once, rel=1e-3)
     assert fr.counts["features.1"] == 2 * 3 * 5 * 32 * 8 * 8
     total = sum((spikes[1][n].sum() + spikes[-1][n].sum()).item() for n in layers)
@@ -222,8 +228,14 @@ def test_input_contract_errors():
 
 def test_model_config_is_plain():
     model = glif2.create_model("resnet19", 10, 2, gate_init=(0.5, 0.5, 0.5), channel_wise=False)
-    assert model.model_config == {"name": "resnet19", "num_classes": 10, "T": 2, "gate_init": [0.5, 0.5, 0.5],
-                                  "memory": "lean", "channel_wise": False}
+    assert model.model_config == {
+        "name": "resnet19",
+        "num_classes": 10,
+        "T": 2,
+        "gate_init": [0.5, 0.5, 0.5],
+        "memory": "lean",
+        "channel_wise": False,
+    }
     with pytest.raises(ValueError, match="plain"):
         glif2.create_model("resnet19", 10, 2, surrogate=object())
 

@@ -40,6 +40,7 @@ def effective(m: GLIF, ndim: int) -> dict:
         return p
 
     trail = ndim - 3  # trailing dims after c
+
     def shape(v):  # c -> c 1 1 (channel-wise); scalars stay scalars
         return v.reshape(v.shape + (1,) * trail) if m.channels is not None else v
 
@@ -70,6 +71,7 @@ def membranes(m: GLIF, x: torch.Tensor) -> torch.Tensor:
 
 
 # --- properties -------------------------------------------------------------------------------------------------
+
 
 @st.composite
 def neuron_and_input(draw, min_t: int = 1):
@@ -203,6 +205,7 @@ def test_glif_f_after_a_spike(uncompiled):
 
 # --- worked vectors (docs/neuron.md §7.2) --------------------------------------------------------------------------
 
+
 def negate_gates(m: GLIF) -> GLIF:
     """The reference layer-wise class stores -logit for its gates (docs/neuron.md §9 Q3); this reproduces its init."""
     with torch.no_grad():
@@ -217,8 +220,13 @@ WORKED = [
     ("layer", lambda: negate_gates(GLIF(4)), 1.0, [0.790625, 0.8037089, 0.8084764, 0.8102137], [1, 1, 1, 1]),
     ("glif_f", lambda: GLIF(4, 1, variant="glif_f"), 1.0, [0.4375, 0.546875, -0.0625, 0.421875], [0, 1, 0, 0]),
     ("hard", lambda: GLIF(4, 1, gate_mode="hard"), 1.0, [0.5, 0.625, 0.5, 0.625], [0, 1, 0, 1]),
-    ("static", lambda: negate_gates(GLIF(4, gate_mode="static_hard")), 1.0, [0.9375, 1.375, 1.8125, 2.25],
-     [1, 1, 1, 1]),
+    (
+        "static",
+        lambda: negate_gates(GLIF(4, gate_mode="static_hard")),
+        1.0,
+        [0.9375, 1.375, 1.8125, 2.25],
+        [1, 1, 1, 1],
+    ),
 ]
 
 
@@ -274,6 +282,7 @@ def test_randomize_gates():
 
 
 # --- gradients --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant, gates", [("glif", g) for g in GATE_MODES] + [("glif_f", "soft")])
 @pytest.mark.parametrize("channels", [None, 4])
@@ -397,6 +406,7 @@ def test_rect_window_edges_through_the_fused_backward():
 
 # --- SpikingJelly's GatedLIFNode as an independent oracle (docs/neuron.md §10) ------------------------------------
 
+
 @pytest.mark.parametrize("channels", [None, 8])
 def test_matches_spikingjelly_gated_lif(channels):
     sj_neuron = require("spikingjelly.activation_based.neuron")
@@ -422,11 +432,13 @@ def test_matches_spikingjelly_gated_lif(channels):
         (out_sj * weight).sum().backward()
         torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-5)
         for name, p in m.named_parameters():
-            torch.testing.assert_close(p.grad, dict(sj.named_parameters())[rename.get(name, name)].grad,
-                                       rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(
+                p.grad, dict(sj.named_parameters())[rename.get(name, name)].grad, rtol=1e-4, atol=1e-5, msg=name
+            )
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "m, x, match",
@@ -464,18 +476,24 @@ def test_deprecated_gate_keywords_still_work_for_one_release():
     DeprecationWarning; an alias next to its new name is refused, also when the new name is given a value."""
     with pytest.warns(DeprecationWarning) as caught:
         old = GLIF(T, 3, gates="hard", gate=(0.1, 0.2, 0.3))
-    assert sorted(str(w.message) for w in caught) == ["the GLIF option gate= is deprecated; use gate_init=",
-                                                      "the GLIF option gates= is deprecated; use gate_mode="]
+    assert sorted(str(w.message) for w in caught) == [
+        "the GLIF option gate= is deprecated; use gate_init=",
+        "the GLIF option gates= is deprecated; use gate_mode=",
+    ]
     new = GLIF(T, 3, gate_mode="hard", gate_init=(0.1, 0.2, 0.3))
     assert old.gate_mode == "hard"
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True))
     with pytest.warns(DeprecationWarning, match="use GLIF.effective_values"):
         values = old.values()
     assert {k: v.tolist() for k, v in values.items()} == {k: v.tolist() for k, v in new.effective_values().items()}
-    for both in (dict(gates="hard", gate_mode="hard"), dict(gates="soft", gate_mode="hard"),
-                 dict(gate=(0.1, 0.2, 0.3), gate_init=(0.2, 0.2, 0.2))):
+    for both in (
+        dict(gates="hard", gate_mode="hard"),
+        dict(gates="soft", gate_mode="hard"),
+        dict(gate=(0.1, 0.2, 0.3), gate_init=(0.2, 0.2, 0.2)),
+    ):
         with pytest.raises(TypeError, match="only .* is its deprecated alias"):
             GLIF(T, 3, **both)
+
 
 def test_all_gate_modes_and_variants_build():
     for variant, gates, channels in itertools.product(("glif", "glif_f"), GATE_MODES, (None, 2)):

@@ -121,8 +121,10 @@ def test_cifar_contract(cifar_data, name, backend):
     np.testing.assert_array_equal(y.numpy(), expect_y)
     mean, std = pipelines.DATASETS[name].mean, pipelines.DATASETS[name].std
     # The test split is the plain normalised image, in file order.
-    ref = (torch.from_numpy(rearrange(xte, "n h w c -> n c h w")).float() / 255
-           - rearrange(torch.tensor(mean), "c -> c 1 1")) / rearrange(torch.tensor(std), "c -> c 1 1")
+    ref = (
+        torch.from_numpy(rearrange(xte, "n h w c -> n c h w")).float() / 255
+        - rearrange(torch.tensor(mean), "c -> c 1 1")
+    ) / rearrange(torch.tensor(std), "c -> c 1 1")
     torch.testing.assert_close(x, ref, atol=2e-5, rtol=0)
 
 
@@ -145,8 +147,9 @@ def test_normalisation_constants():
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_imagenet_contract(imagenet_root, backend, split):
-    loader = pipelines.build_loader("imagenet", split, data_dir=imagenet_root, batch_size=5, backend=backend,
-                                    num_workers=0, num_threads=1)
+    loader = pipelines.build_loader(
+        "imagenet", split, data_dir=imagenet_root, batch_size=5, backend=backend, num_workers=0, num_threads=1
+    )
     x, y = collect(loader)
     assert loader.num_classes == 3
     if split == "train":
@@ -168,10 +171,12 @@ def test_imagenet_contract(imagenet_root, backend, split):
 @dali
 def test_imagenet_val_backends_agree(imagenet_root):
     """DALI's resize/crop and torchvision's differ only by interpolation details."""
-    a = collect(pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="dali",
-                                       num_threads=1))
-    b = collect(pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="torch",
-                                       num_workers=0))
+    a = collect(
+        pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="dali", num_threads=1)
+    )
+    b = collect(
+        pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="torch", num_workers=0)
+    )
     assert torch.equal(a[1], b[1])
     assert (a[0] - b[0]).abs().mean() < 0.15  # random-pixel images: a wrong crop or channel order gives ~1
 
@@ -186,15 +191,19 @@ def test_loader_options_are_the_builders_keywords(tmp_path, monkeypatch):
         pipelines.build_loader("digits", "train", data_dir=None, batch_size=8, remap="h1")
     with pytest.raises(ValueError, match=r"\['cache_dri'\] for cifar10dvs; allowed: \['cache', 'cache_dir', "):
         pipelines.build_loader("cifar10dvs", "train", data_dir=tmp_path, batch_size=2, T=4, cache_dri=tmp_path)
-    assert len(pipelines.build_loader("digits", "train", data_dir=None, batch_size=100, num_workers=2,
-                                      num_threads=3)) == 14
+    assert (
+        len(pipelines.build_loader("digits", "train", data_dir=None, batch_size=100, num_workers=2, num_threads=3))
+        == 14
+    )
 
     def fake(split, *, batch_size, rank, world_size, device, seed, flavour="plain"):
         return split, flavour
 
     monkeypatch.setattr(pipelines, "_builder", lambda dataset: fake)  # a new keyword needs no table entry
-    assert pipelines.build_loader("digits", "test", data_dir=None, batch_size=8, flavour="salty",
-                                  num_workers=2) == ("test", "salty")
+    assert pipelines.build_loader("digits", "test", data_dir=None, batch_size=8, flavour="salty", num_workers=2) == (
+        "test",
+        "salty",
+    )
     with pytest.raises(ValueError, match=r"allowed: \['flavour'\]"):
         pipelines.build_loader("digits", "test", data_dir=None, batch_size=8, remap="h1")
 
@@ -240,7 +249,7 @@ def _variants(images: np.ndarray, pad: int) -> dict[bytes, tuple[int, int, int, 
     for i, img in enumerate(padded):
         for oy in range(2 * pad + 1):
             for ox in range(2 * pad + 1):
-                win = img[oy:oy + 32, ox:ox + 32]
+                win = img[oy : oy + 32, ox : ox + 32]
                 table[np.ascontiguousarray(win).tobytes()] = (i, oy, ox, False)
                 table[np.ascontiguousarray(win[:, ::-1]).tobytes()] = (i, oy, ox, True)
     return table
@@ -269,8 +278,14 @@ def test_cifar_train_is_padded_crop_and_mirror(cifar_data, backend):
     assert 0.3 < np.mean(flips) < 0.7
 
 
-@given(b=st.integers(1, 4), c=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), pad=st.integers(0, 4),
-       data=st.data())
+@given(
+    b=st.integers(1, 4),
+    c=st.integers(1, 3),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    pad=st.integers(0, 4),
+    data=st.data(),
+)
 def test_crop_flip_matches_pad_slice_mirror(b, c, h, w, pad, data):
     seed = data.draw(st.integers(0, 2**16))
     x = torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
@@ -280,11 +295,12 @@ def test_crop_flip_matches_pad_slice_mirror(b, c, h, w, pad, data):
     out = crop_flip(x, oy, ox, flip, pad=pad)
     padded = F.pad(x, [pad] * 4)
     for i in range(b):
-        ref = padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w]
+        ref = padded[i, :, oy[i] : oy[i] + h, ox[i] : ox[i] + w]
         assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
     assert out.dtype == torch.uint8
-    assert torch.equal(crop_flip(x, oy, ox, None, pad=pad), crop_flip(x, oy, ox, torch.zeros(b, dtype=torch.bool),
-                                                                      pad=pad))
+    assert torch.equal(
+        crop_flip(x, oy, ox, None, pad=pad), crop_flip(x, oy, ox, torch.zeros(b, dtype=torch.bool), pad=pad)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -297,6 +313,7 @@ def test_validation_is_deterministic_and_epochs_permute(cifar_data, backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # Training order: a function of (seed, epoch) only.
     train, again = (pipelines.build_loader("cifar10", "train", **kw) for _ in range(2))
+
     def ids(ld):
         return collect(ld)[1].tolist()
 
@@ -336,8 +353,11 @@ def test_auto_backend():
 # exact resume: augmentation is a function of (seed, epoch, sample)
 
 # (dataset, backend) of every training pipeline that runs here, and a mid-epoch batch to start from.
-IMAGE_RESUME_CASES = [pytest.param(d, b, marks=dali) if b == "dali" else (d, b)
-                      for b in ("dali", "torch") for d in ("cifar10", "imagenet")]
+IMAGE_RESUME_CASES = [
+    pytest.param(d, b, marks=dali) if b == "dali" else (d, b)
+    for b in ("dali", "torch")
+    for d in ("cifar10", "imagenet")
+]
 RESUME_CASES = IMAGE_RESUME_CASES + [(d, "torch") for d in ("cifar10dvs", "digits")]
 
 
@@ -350,8 +370,9 @@ def make_train_loader(cifar_data, imagenet_root, dvs_root, tmp_path):
         kw = {"num_threads": 1} if backend == "dali" else {"num_workers": 0}
         if dataset == "cifar10dvs":
             kw.update(T=3, cache_dir=str(tmp_path))
-        return pipelines.build_loader(dataset, "train", data_dir=roots[dataset], batch_size=batch[dataset],
-                                      backend=backend, seed=5, **kw)
+        return pipelines.build_loader(
+            dataset, "train", data_dir=roots[dataset], batch_size=batch[dataset], backend=backend, seed=5, **kw
+        )
 
     return make
 
@@ -410,8 +431,15 @@ def test_epochs_draw_new_augmentation(make_train_loader, dataset, backend):
 @dali
 def test_cifar_backends_agree_on_train(cifar_data):
     """DALI and torch take the same crop offsets and mirrors from the host's draws: the same training batches."""
-    a, b = (run_pass(pipelines.build_loader("cifar10", "train", data_dir=cifar_data["root"], batch_size=16,
-                                            backend=backend, seed=3), epoch=4) for backend in ("dali", "torch"))
+    a, b = (
+        run_pass(
+            pipelines.build_loader(
+                "cifar10", "train", data_dir=cifar_data["root"], batch_size=16, backend=backend, seed=3
+            ),
+            epoch=4,
+        )
+        for backend in ("dali", "torch")
+    )
     for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         torch.testing.assert_close(xa, xb, atol=2e-5, rtol=0)
         assert torch.equal(ya, yb)
@@ -445,8 +473,9 @@ def test_imagenet_crop_window_distribution():
     ours = np.stack(imagenet.rrc_window(h, w, fw, fh, uyx[:, 0], uyx[:, 1]), axis=1)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        ref = np.array([RandomResizedCrop.get_params(torch.empty(3, 300, 400), [0.2, 1.0], [3 / 4, 4 / 3])
-                        for _ in range(n)])
+        ref = np.array(
+            [RandomResizedCrop.get_params(torch.empty(3, 300, 400), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+        )
 
     def stats(win):  # area fraction, log aspect, relative row and column of the window
         top, left, ch, cw = win.T
@@ -459,8 +488,7 @@ def test_imagenet_crop_window_distribution():
     assert (top >= 0).all() and (left >= 0).all() and (top + ch <= 300).all() and (left + cw <= 400).all()
     assert 0.199 < (ch * cw / 120_000).min() < 0.21 and 0.45 < np.mean(flip) < 0.55
     # Nothing fits a 10 x 500 strip: the whole height, width cut to aspect 4/3, centered.
-    top, left, ch, cw = imagenet.rrc_window(np.float32([10]), np.float32([500]), fw[:1], fh[:1], uyx[:1, 0],
-                                            uyx[:1, 1])
+    top, left, ch, cw = imagenet.rrc_window(np.float32([10]), np.float32([500]), fw[:1], fh[:1], uyx[:1, 0], uyx[:1, 1])
     assert (top[0], left[0], ch[0], cw[0]) == (0, (500 - 13) // 2, 10, 13)
 
 
@@ -472,16 +500,22 @@ def test_imagenet_crop_window_dali_equals_numpy():
 
     n = 600
     rng = np.random.default_rng(0)
-    hw = np.concatenate([rng.integers(1, 4000, (n // 3, 2)), rng.integers(1, 12, (n // 3, 2)),
-                         np.stack([rng.integers(1, 30, n // 3), rng.integers(100, 3000, n // 3)], axis=1)[:, ::-1]])
+    hw = np.concatenate(
+        [
+            rng.integers(1, 4000, (n // 3, 2)),
+            rng.integers(1, 12, (n // 3, 2)),
+            np.stack([rng.integers(1, 30, n // 3), rng.integers(100, 3000, n // 3)], axis=1)[:, ::-1],
+        ]
+    )
     hw = np.where(rng.random((n, 1)) < 0.5, hw, hw[:, ::-1]).astype(np.float32)
     fw, fh, uyx, _ = _imagenet_draws(n)
     shape = np.concatenate([hw, np.full((n, 1), 3, np.float32)], axis=1)
 
     @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def windows():
-        inputs = fn.external_source(source=lambda: (shape, fw, fh, uyx), num_outputs=4, batch=True,
-                                    dtype=[types.FLOAT] * 4)
+        inputs = fn.external_source(
+            source=lambda: (shape, fw, fh, uyx), num_outputs=4, batch=True, dtype=[types.FLOAT] * 4
+        )
         return imagenet.dali_rrc_window(*inputs)
 
     pipe = windows()
@@ -501,18 +535,26 @@ def test_imagenet_torch_train_applies_the_window(imagenet_root):
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    loader = pipelines.build_loader("imagenet", "train", data_dir=imagenet_root, batch_size=3, backend="torch",
-                                    num_workers=0, seed=2)
+    loader = pipelines.build_loader(
+        "imagenet", "train", data_dir=imagenet_root, batch_size=3, backend="torch", num_workers=0, seed=2
+    )
     x = torch.cat([x for x, _ in run_pass(loader, epoch=1)])
     idx = loader._indices()
     u = sample_uniforms(augment_key(2, 1), idx, imagenet.DRAWS)
     for out, i, ui in zip(x, idx, u, strict=True):
         img = Image.open(loader.dataset.paths[i]).convert("RGB")
-        top, left, h, w = (int(a[0]) for a in imagenet.rrc_window(
-            np.float32([img.height]), np.float32([img.width]), *imagenet.rrc_factors(ui[None]), ui[-3:-2], ui[-2:-1]))
+        top, left, h, w = (
+            int(a[0])
+            for a in imagenet.rrc_window(
+                np.float32([img.height]), np.float32([img.width]), *imagenet.rrc_factors(ui[None]), ui[-3:-2], ui[-2:-1]
+            )
+        )
         ref = TF.resized_crop(img, top, left, h, w, [224, 224], InterpolationMode.BILINEAR, antialias=True)
-        ref = TF.normalize(TF.to_tensor(TF.hflip(ref) if ui[-1] < 0.5 else ref), pipelines.DATASETS["imagenet"].mean,
-                           pipelines.DATASETS["imagenet"].std)
+        ref = TF.normalize(
+            TF.to_tensor(TF.hflip(ref) if ui[-1] < 0.5 else ref),
+            pipelines.DATASETS["imagenet"].mean,
+            pipelines.DATASETS["imagenet"].std,
+        )
         assert torch.equal(out, ref)
 
 
@@ -520,9 +562,22 @@ def test_imagenet_torch_train_applies_the_window(imagenet_root):
 def test_imagenet_train_backends_agree(imagenet_root):
     """DALI crops and mirrors the same windows as the torch backend; only resampling details differ (a window off by
     a pixel or a wrong mirror gives ~0.7 on these random-pixel images)."""
-    a, b = (run_pass(pipelines.build_loader("imagenet", "train", data_dir=imagenet_root, batch_size=5,
-                                            backend=backend, num_threads=1, num_workers=0, seed=4), epoch=2)
-            for backend in ("dali", "torch"))
+    a, b = (
+        run_pass(
+            pipelines.build_loader(
+                "imagenet",
+                "train",
+                data_dir=imagenet_root,
+                batch_size=5,
+                backend=backend,
+                num_threads=1,
+                num_workers=0,
+                seed=4,
+            ),
+            epoch=2,
+        )
+        for backend in ("dali", "torch")
+    )
     for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         assert torch.equal(ya, yb)
         assert (xa - xb).abs().mean(dim=(1, 2, 3)).max() < 0.02
@@ -535,15 +590,19 @@ def test_imagenet_train_backends_agree(imagenet_root):
 def test_shard_indices(n, world, batch_fraction, epoch):
     # A batch no larger than a rank's share, so that the training shards are never all empty.
     batch = max(1, round(batch_fraction * (n // world))) if n >= world else 1
-    train = [shard_indices(n, train=True, batch_size=batch, rank=r, world_size=world, seed=3, epoch=epoch)
-             for r in range(world)]
+    train = [
+        shard_indices(n, train=True, batch_size=batch, rank=r, world_size=world, seed=3, epoch=epoch)
+        for r in range(world)
+    ]
     per = (n // world) // batch * batch
     assert all(len(s) == per for s in train)
     flat = np.concatenate(train)
     assert len(np.unique(flat)) == len(flat) and (flat < n).all()  # disjoint; drops < world * batch samples
     assert n - len(flat) <= world * batch - 1  # drop-last: n mod world, plus each rank's partial batch
-    test = [shard_indices(n, train=False, batch_size=batch, rank=r, world_size=world, seed=3, epoch=epoch)
-            for r in range(world)]
+    test = [
+        shard_indices(n, train=False, batch_size=batch, rank=r, world_size=world, seed=3, epoch=epoch)
+        for r in range(world)
+    ]
     np.testing.assert_array_equal(np.concatenate(test), np.arange(n))  # exactly once, in order
     assert max(map(len, test)) - min(map(len, test)) <= 1
 
@@ -623,14 +682,15 @@ def test_glyph_lands_where_the_reference_puts_it(tmp_path):
     write_aedat4(str(folder / "cifar10_airplane_0.aedat4"), 127 - x_raw, 127 - y_raw, 1 - p_raw)  # H1 forward map
     frames = {}
     for remap in cifar10dvs.REMAPS:
-        ds = cifar10dvs.DVSFrames([str(folder / "cifar10_airplane_0.aedat4")], [0], data_dir=str(root), T=4,
-                                  remap=remap, cache_dir=None)
+        ds = cifar10dvs.DVSFrames(
+            [str(folder / "cifar10_airplane_0.aedat4")], [0], data_dir=str(root), T=4, remap=remap, cache_dir=None
+        )
         frames[remap] = ds.frames(0)
     ref = _sj_reference(x_raw, y_raw, p_raw, 4)
     np.testing.assert_array_equal(frames["h1"], ref)
     assert ref[:, 1].sum() == 55 and ref[:, 0].sum() == 48  # the stem (p_raw = 0) became p' = 1 (ON)
     # The reference puts the stem (raw column 20) on row 127 - 20 = 107: a horizontal stroke.
-    assert ref[:, 1, 107, 127 - 59:127 - 9].sum() == 55
+    assert ref[:, 1, 107, 127 - 59 : 127 - 9].sum() == 55
     # Every other map gives a different picture, so a transpose, flip or polarity slip cannot pass.
     flat = [f.tobytes() for f in frames.values()]
     assert len(set(flat)) == len(flat)
@@ -677,8 +737,7 @@ def test_binning_matches_spikingjelly(monkeypatch):
     sj = importlib.import_module("spikingjelly.datasets.utils")
     rng = np.random.default_rng(2)
     for n, T in ((1003, 10), (7, 16), (5000, 16)):
-        ev = {"t": np.arange(n), "x": rng.integers(0, 128, n), "y": rng.integers(0, 128, n),
-              "p": rng.integers(0, 2, n)}
+        ev = {"t": np.arange(n), "x": rng.integers(0, 128, n), "y": rng.integers(0, 128, n), "p": rng.integers(0, 2, n)}
         ref = sj.integrate_events_by_fixed_frames_number(ev, "number", T, 128, 128)
         np.testing.assert_array_equal(cifar10dvs.events_to_frames(ev["x"], ev["y"], ev["p"], T), ref)
 
@@ -771,8 +830,12 @@ def test_dvs_train_crop_is_shared_over_time_and_polarity(dvs_root, tmp_path):
             full, k = ds[int(i)]
             assert k == label
             padded = F.pad(full, [cifar10dvs.PAD] * 4)
-            hits = [(oy, ox) for oy in range(9) for ox in range(9)
-                    if torch.equal(padded[..., oy:oy + 48, ox:ox + 48], out)]
+            hits = [
+                (oy, ox)
+                for oy in range(9)
+                for ox in range(9)
+                if torch.equal(padded[..., oy : oy + 48, ox : ox + 48], out)
+            ]
             assert hits, "not a single window shared by all steps and polarities"
             offsets.append(hits[0])
     assert len(set(offsets)) >= 60 and {oy for oy, _ in offsets} == {ox for _, ox in offsets} == set(range(9))
@@ -843,8 +906,9 @@ def test_truncated_jpeg_named_at_decode(tmp_path, backend):
     write_imagenet(str(tmp_path), classes=1, train_per_class=1, val_per_class=5)
     path = tmp_path / "val" / "n00000000" / "img_0_3.JPEG"
     path.write_bytes(path.read_bytes()[:40])
-    loader = pipelines.build_loader("imagenet", "val", data_dir=tmp_path, batch_size=2, backend=backend,
-                                    num_workers=0, num_threads=1)
+    loader = pipelines.build_loader(
+        "imagenet", "val", data_dir=tmp_path, batch_size=2, backend=backend, num_workers=0, num_threads=1
+    )
     with pytest.raises(DataError, match="img_0_3.JPEG"):
         collect(loader)
 
@@ -860,9 +924,16 @@ def test_malformed_cifar_batch(cifar_data, tmp_path, case):
     with open(path, "rb") as f:
         entry = pickle.load(f, encoding="bytes")
     data, labels = entry[b"data"], entry[b"labels"]
-    entry.update({"width": {b"data": data[:, :-1]}, "float": {b"data": data.astype(np.float32)},
-                  "int64": {b"data": data.astype(np.int64)}, "short_labels": {b"labels": labels[:-1]},
-                  "label_10": {b"labels": labels[:-1] + [10]}, "label_neg": {b"labels": [-1] + labels[1:]}}[case])
+    entry.update(
+        {
+            "width": {b"data": data[:, :-1]},
+            "float": {b"data": data.astype(np.float32)},
+            "int64": {b"data": data.astype(np.int64)},
+            "short_labels": {b"labels": labels[:-1]},
+            "label_10": {b"labels": labels[:-1] + [10]},
+            "label_neg": {b"labels": [-1] + labels[1:]},
+        }[case]
+    )
     with open(path, "wb") as f:
         pickle.dump(entry, f, protocol=2)
     with pytest.raises(DataError, match="data_batch_2"):
@@ -927,14 +998,14 @@ def _damage(path, how: str) -> None:
     if how == "truncated":
         path.write_bytes(data[:mid])
     elif how == "zeroed":  # a run of bytes inside the compressed member
-        path.write_bytes(data[:mid - 16] + bytes(32) + data[mid + 16:])
+        path.write_bytes(data[: mid - 16] + bytes(32) + data[mid + 16 :])
     elif how == "bad_crc":  # an uncompressed copy with one pixel changed: only the CRC-32 can tell
         with zipfile.ZipFile(path) as z:
             member = z.read("frames.npy")
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
             z.writestr("frames.npy", member)
         data = path.read_bytes()
-        path.write_bytes(data[:mid] + bytes([data[mid] ^ 1]) + data[mid + 1:])
+        path.write_bytes(data[:mid] + bytes([data[mid] ^ 1]) + data[mid + 1 :])
     elif how == "empty":
         path.write_bytes(b"")
     elif how == "garbage":
@@ -982,7 +1053,7 @@ def test_truncated_aedat4(tmp_path, cut):
     write_cifar10dvs(str(root), per_class=2, events=(2000, 2001))
     path = root / "CIFAR10DVS" / "dog" / "cifar10_dog_1.aedat4"
     data = path.read_bytes()
-    path.write_bytes(data[:math.floor(len(data) * cut)])
+    path.write_bytes(data[: math.floor(len(data) * cut)])
     with pytest.raises(DataError, match="cifar10_dog_1.aedat4.*re-extract"):
         pipelines.build_loader("cifar10dvs", "train", data_dir=root, batch_size=2, T=4)
     # Without the up-front check, the decode error still names the file.
@@ -1013,8 +1084,9 @@ def test_cifar_on_cuda_matches_cpu(cifar_data, backend):
 @cuda
 @dali
 def test_imagenet_mixed_decode_on_cuda(imagenet_root):
-    loader = pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, device="cuda",
-                                    backend="dali")
+    loader = pipelines.build_loader(
+        "imagenet", "val", data_dir=imagenet_root, batch_size=4, device="cuda", backend="dali"
+    )
     x, y = collect(loader)
     assert x.shape == (9, 3, 224, 224) and y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     ref = collect(pipelines.build_loader("imagenet", "val", data_dir=imagenet_root, batch_size=4, backend="dali"))
@@ -1026,12 +1098,18 @@ def test_imagenet_mixed_decode_on_cuda(imagenet_root):
 def test_resume_on_cuda(cifar_data, imagenet_root, dataset, backend):
     """On the GPU too: a mid-epoch start is the suffix of a full pass (bitwise), and the training batches follow
     the CPU pipeline's choices (the same draws; only decoding and resampling details may differ)."""
-    kw = {"data_dir": cifar_data["root"] if dataset == "cifar10" else imagenet_root, "backend": backend,
-          "batch_size": 16 if dataset == "cifar10" else 3, "seed": 5, "num_workers": 0}
+    kw = {
+        "data_dir": cifar_data["root"] if dataset == "cifar10" else imagenet_root,
+        "backend": backend,
+        "batch_size": 16 if dataset == "cifar10" else 3,
+        "seed": 5,
+        "num_workers": 0,
+    }
     gpu = pipelines.build_loader(dataset, "train", device="cuda", **kw)
     full = run_pass(gpu, epoch=2)
-    assert_same_batches(run_pass(pipelines.build_loader(dataset, "train", device="cuda", **kw), 2, start_batch=2),
-                        full[2:])
+    assert_same_batches(
+        run_pass(pipelines.build_loader(dataset, "train", device="cuda", **kw), 2, start_batch=2), full[2:]
+    )
     cpu = run_pass(pipelines.build_loader(dataset, "train", **kw), epoch=2)
     for (xg, yg), (xc, yc) in zip(full, cpu, strict=True):
         assert torch.equal(yg, yc)

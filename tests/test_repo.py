@@ -15,8 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".toml", ".sh") or p.name == "Makefile"]
-SOURCES = [p for p in SOURCES if not any(part.startswith(".") or part in ("build", "runs") for part in
-                                         p.relative_to(ROOT).parts)]
+SOURCES = [
+    p
+    for p in SOURCES
+    if not any(part.startswith(".") or part in ("build", "runs") for part in p.relative_to(ROOT).parts)
+]
 # `docs/neuron.md §9 Q3`, `docs/networks.md §1-§3 and §5`; inside docs/ also a sibling's `neuron.md §N`.
 CITATION = re.compile(r"(?<![\w/])(docs/)?([a-z]+)\.md((?:(?: and)? §[0-9.]+(?:-§[0-9.]+)?,?)*)(?: (Q[0-9]+))?")
 # A style-guide rule number (S and digits): the guide lives outside the repository, so such a mark tells a reader
@@ -87,15 +90,15 @@ def test_every_mark_names_its_file():
 def test_unfiled_marks_are_caught():
     """The check above catches the marks it was written for: the repository holds none, so they are planted here
     (split in the source, so that this file passes the check itself)."""
-    sign = "\N{SECTION SIGN}"
-    assert unfiled_marks("Build order (S" "13): checks (before any work), data, model") == ["S" "13"]
-    assert unfiled_marks("Honest timing (S" "12): warm-up steps first") == ["S" "12"]
+    sign, rule = "\N{SECTION SIGN}", "S"
+    assert unfiled_marks(f"Build order ({rule}13): checks (before any work), data, model") == [f"{rule}13"]
+    assert unfiled_marks(f"Honest timing ({rule}12): warm-up steps first") == [f"{rule}12"]
     assert unfiled_marks(f"stages [2, 2, 2, 2] all stride 2, {sign}4.1. The released") == [f"stride 2, {sign}4.1."]
     assert unfiled_marks(f"see neuron.md {sign}6 for tdBN")  # a document outside docs/ names it by its path
     assert unfiled_marks(f"{sign}7 templates.") == [f"{sign}7"]
     assert not unfiled_marks(f"as docs/networks.md {sign}1-{sign}3 and {sign}5, docs/neuron.md {sign}9 Q3")
     assert not unfiled_marks(f"the split ({sign}6) and neuron.md {sign}2.3", docs=True)
-    assert unfiled_marks("(S" "13)", docs=True) == ["S" "13"]
+    assert unfiled_marks(f"({rule}13)", docs=True) == [f"{rule}13"]
 
 
 def test_no_foreign_documents_or_machine_paths():
@@ -128,8 +131,11 @@ def test_readme_layout_names_every_module():
     """Every module of glif2/ and pipelines/, every benchmark and script is named in the README's Layout, and
     everything it names exists: the layout cannot silently go stale."""
     named = layout_names((ROOT / "README.md").read_text())
-    modules = [*python_files("glif2", "pipelines", "bench"), *(p for p in (ROOT / "scripts").iterdir() if p.is_file()),
-               *ROOT.glob("*.py")]
+    modules = [
+        *python_files("glif2", "pipelines", "bench"),
+        *(p for p in (ROOT / "scripts").iterdir() if p.is_file()),
+        *ROOT.glob("*.py"),
+    ]
     missing = sorted(str(p.relative_to(ROOT)) for p in modules if str(p.relative_to(ROOT)) not in named)
     assert not missing, f"README.md's Layout does not name {missing}"
     assert not [name for name in named if not (ROOT / name).exists()], "README.md's Layout names missing paths"
@@ -171,7 +177,7 @@ def test_no_import_cycles_and_the_core_never_imports_the_app():
         state[node] = 1
         for dep in graph[node]:
             if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(dep):], dep]))
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(dep) :], dep]))
             if dep not in state:
                 visit(dep, [*stack, dep])
         state[node] = 2
@@ -186,14 +192,22 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     only torch and the third-party libraries loaded): an import-order dependence or a cycle through a package
     __init__ fails it."""
     names = sorted(_module_name(p) for p in python_files("glif2", "pipelines"))
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "probe.py"), *names], capture_output=True, text=True,
-                         cwd=ROOT, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "probe.py"), *names],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout[-3000:] + out.stderr[-2000:]
 
 
 def test_modules_in_glif2_stay_small():
-    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in python_files("glif2")
-            if (n := len(p.read_text().splitlines())) > 400]
+    long = [
+        f"{p.relative_to(ROOT)} ({n} lines)"
+        for p in python_files("glif2")
+        if (n := len(p.read_text().splitlines())) > 400
+    ]
     assert not long, long
 
 

@@ -101,8 +101,9 @@ def test_fused_glif_uses_the_chosen_surrogate(name, width, eager):
     names = ("alpha", "beta", "gamma", "tau", "v_th", "leak", "v_reset")
     logits = {k: getattr(m, k).detach().clone().requires_grad_() for k in (*names, "conduct")}
     v = {k: torch.sigmoid(logits[k])[:, None] for k in names}
-    ref, _ = naive_glif(xr, **v, conduct=torch.sigmoid(logits["conduct"])[..., None],
-                        spike=surrogate_spike(name, width))
+    ref, _ = naive_glif(
+        xr, **v, conduct=torch.sigmoid(logits["conduct"])[..., None], spike=surrogate_spike(name, width)
+    )
     (ref * upstream).sum().backward()
     assert torch.equal(out, ref) and 0.1 < out.mean() < 0.9
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-13)

@@ -69,8 +69,16 @@ class Probe(nn.Module):
         return reduce(self.fc2(self.lif(x)), "t b k -> b k", "mean")
 
 
-def ddp_probe(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 1, channel_wise: bool = True,
-              params: str = "learned", **neuron):
+def ddp_probe(
+    num_classes: int,
+    T: int,
+    *,
+    bn: str = "td",
+    in_channels: int = 1,
+    channel_wise: bool = True,
+    params: str = "learned",
+    **neuron,
+):
     return Probe(num_classes, T, **neuron)
 
 
@@ -96,7 +104,8 @@ def records(run_dir: Path, kind: str = "epoch") -> list[dict]:
 
 def test_presets_cover_the_reference_runs():
     expected = {"digits", "imagenet-resnet18ms-t6", "cifar10dvs-sew7b-t16"} | {
-        f"cifar{k}-{arch}-t{t}" for k in (10, 100) for arch in ("resnet18", "resnet19") for t in (2, 4, 6)}
+        f"cifar{k}-{arch}-t{t}" for k in (10, 100) for arch in ("resnet18", "resnet19") for t in (2, 4, 6)
+    }
     assert expected <= set(PRESETS)
     for name in PRESETS:
         cfg = TrainConfig.from_name(name)
@@ -109,13 +118,30 @@ def test_presets_cover_the_reference_runs():
     assert imnet.gate_lr_divisor == 1 and imnet.sync_bn and setup.model_options(imnet)["bn"] == "plain"
     dvs = TrainConfig.from_name("cifar10dvs-sew7b-t16")
     assert setup.model_options(dvs)["bn"] == "plain" and not dvs.randomgate  # the model draws its float64 gates itself
-    assert (dvs.param_groups, dvs.weight_decay, dvs.t_max, dvs.epochs, dvs.lr, dvs.amp) == ("single", 0.0, 64, 200,
-                                                                                             0.01, True)
+    assert (dvs.param_groups, dvs.weight_decay, dvs.t_max, dvs.epochs, dvs.lr, dvs.amp) == (
+        "single",
+        0.0,
+        64,
+        200,
+        0.01,
+        True,
+    )
 
 
 def test_flags_override_the_preset():
-    cfg = parse_args(["--preset", "cifar10-resnet19-t4", "--epochs", "3", "--no-randomgate", "--lr", "0.05",
-                      "--label-smoothing", "0.1"])
+    cfg = parse_args(
+        [
+            "--preset",
+            "cifar10-resnet19-t4",
+            "--epochs",
+            "3",
+            "--no-randomgate",
+            "--lr",
+            "0.05",
+            "--label-smoothing",
+            "0.1",
+        ]
+    )
     assert (cfg.epochs, cfg.randomgate, cfg.lr, cfg.label_smoothing, cfg.T) == (3, False, 0.05, 0.1, 4)
     assert parse_args([]) == TrainConfig.from_name("digits")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
@@ -132,8 +158,11 @@ def test_param_groups_follow_the_reference():
     assert "weight" in leaves[0] and "bias" in leaves[0]  # BN affine parameters decay, as in the reference
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.1, 4e-5), (0.1, 0.0), (0.01, 0.0)]
     two = param_groups(model, lr=0.1, weight_decay=4e-5)
-    assert len(two) == 2 and two[1]["weight_decay"] == 0 and len(two[1]["params"]) == len(groups[1]["params"]) + len(
-        groups[2]["params"])
+    assert (
+        len(two) == 2
+        and two[1]["weight_decay"] == 0
+        and len(two[1]["params"]) == len(groups[1]["params"]) + len(groups[2]["params"])
+    )
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
@@ -237,8 +266,9 @@ def test_resume_mid_epoch_is_bitwise(tmp_path):
     assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 30
     resumed = run(tmp_path, *flags, "--resume", "auto", name="split")
     assert (resumed["step"], resumed["epoch"]) == (full["step"], full["epoch"]) == (44, 2)
-    assert_same_training_state(load_checkpoint(tmp_path / "full" / "last.pt"),
-                               load_checkpoint(tmp_path / "split" / "last.pt"))
+    assert_same_training_state(
+        load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    )
     epochs = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
     params = [json.loads(line) for line in (tmp_path / "split" / "glif_params.jsonl").read_text().splitlines()]
@@ -253,15 +283,31 @@ def test_resume_mid_epoch_with_augmentation_is_bitwise(tmp_path, backend):
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (112, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 112)
     write_cifar(str(tmp_path / "data"), "cifar10", images[:96], labels[:96], images[96:], labels[96:])
-    flags = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--backend", backend, "--model",
-             "glifnet_small", "--batch-size", "16", "--eval-batch-size", "16", "--epochs", "2", "--deterministic"]
+    flags = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--backend",
+        backend,
+        "--model",
+        "glifnet_small",
+        "--batch-size",
+        "16",
+        "--eval-batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--deterministic",
+    ]
     full = run(tmp_path, *flags, name="full")
     run(tmp_path, *flags, "--max-steps", "8", name="split")  # 6 steps per epoch: stops in epoch 2
     resumed = run(tmp_path, *flags, "--resume", "auto", name="split")
     assert full["step"] == resumed["step"] == 12
     assert full["model"].features[0][0].in_channels == 3  # the digits net takes its input layer from the dataset
-    assert_same_training_state(load_checkpoint(tmp_path / "full" / "last.pt"),
-                               load_checkpoint(tmp_path / "split" / "last.pt"))
+    assert_same_training_state(
+        load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    )
 
 
 _WRITER = """
@@ -325,8 +371,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
 def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
     flags = ["--deterministic", "--epochs", "40"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), *FAST, *flags, "--log-interval", "1", "--out-dir", str(tmp_path),
-           "--name", "term"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *FAST,
+        *flags,
+        "--log-interval",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "term",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
     for line in proc.stdout:  # wait until training is under way
         if "step 3/" in line:
@@ -343,17 +399,35 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
     resumed = run(tmp_path, *flags, "--resume", "auto", "--max-steps", target, name="term")
     straight = run(tmp_path, *flags, "--max-steps", target, name="straight")
     assert resumed["step"] == straight["step"] == stop + 25 and resumed["epoch"] >= 1
-    assert_same_training_state(load_checkpoint(tmp_path / "term" / "last.pt"),
-                               load_checkpoint(tmp_path / "straight" / "last.pt"))
+    assert_same_training_state(
+        load_checkpoint(tmp_path / "term" / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
+    )
     scores = ("epoch", "step", "test_loss", "test_acc", "test_top5", "best_acc", "lr")
     assert [{k: r[k] for k in scores} for r in records(tmp_path / "term")] == [
-        {k: r[k] for k in scores} for r in records(tmp_path / "straight")]
+        {k: r[k] for k in scores} for r in records(tmp_path / "straight")
+    ]
 
 
 # DDP (gloo, two processes): one spawn runs every distributed case; the tests below check its outputs
 
-DDP_FLAGS = [*FAST, "--model", "ddp_probe", "--memory", "off", "--batch-size", "64", "--eval-batch-size", "64",
-             "--lr", "0.5", "--device", "cpu", "--epochs", "2", "--deterministic"]
+DDP_FLAGS = [
+    *FAST,
+    "--model",
+    "ddp_probe",
+    "--memory",
+    "off",
+    "--batch-size",
+    "64",
+    "--eval-batch-size",
+    "64",
+    "--lr",
+    "0.5",
+    "--device",
+    "cpu",
+    "--epochs",
+    "2",
+    "--deterministic",
+]
 DDP_RUNS = [("full", []), ("split", ["--max-steps", "30"]), ("split", ["--resume", "auto"])]  # 22 steps per epoch
 
 
@@ -383,15 +457,37 @@ def _ddp_worker(rank: int, world: int, ports: list[int], out: str) -> None:
     os.environ["MASTER_PORT"] = str(ports[0])
     torch.distributed.init_process_group("gloo")
     x, y, head = eval_problem()
-    loader = TensorLoader(x, y, transform=lambda v, g: v, draws=0, num_classes=7, train=False, batch_size=16,
-                          rank=rank, world_size=world, seed=0, device="cpu")
+    loader = TensorLoader(
+        x,
+        y,
+        transform=lambda v, g: v,
+        draws=0,
+        num_classes=7,
+        train=False,
+        batch_size=16,
+        rank=rank,
+        world_size=world,
+        seed=0,
+        device="cpu",
+    )
     result = evaluation.evaluate(lambda v, t: v @ head, loader, torch.device("cpu"))
     shards = [len(b) for b, _ in loader]
     Path(out, f"eval-rank{rank}.json").write_text(json.dumps({**result, "batches": shards}))
     # the cost report of a sharded evaluation: summed over both ranks
     probe, (x, y) = cost_problem()
-    loader = TensorLoader(x, y, transform=lambda v, g: v, draws=0, num_classes=7, train=False, batch_size=16,
-                          rank=rank, world_size=world, seed=0, device="cpu")
+    loader = TensorLoader(
+        x,
+        y,
+        transform=lambda v, g: v,
+        draws=0,
+        num_classes=7,
+        train=False,
+        batch_size=16,
+        rank=rank,
+        world_size=world,
+        seed=0,
+        device="cpu",
+    )
     cost = evaluation.evaluate_model(probe, loader, torch.device("cpu"), progress=False, report=True)["cost"]
     Path(out, f"cost-rank{rank}.json").write_text(json.dumps(cost))
     torch.distributed.destroy_process_group()
@@ -416,8 +512,12 @@ def test_ddp_evaluation_counts_every_sample_once(ddp):
     x, y, head = eval_problem()
     logits = (x @ head).float()
     top = logits.topk(5, dim=1).indices == y[:, None]
-    expected = {"num_samples": 101, "loss": F.cross_entropy(logits, y, reduction="sum").item() / 101,
-                "top1": 100 * top[:, 0].sum().item() / 101, "top5": 100 * top.any(1).sum().item() / 101}
+    expected = {
+        "num_samples": 101,
+        "loss": F.cross_entropy(logits, y, reduction="sum").item() / 101,
+        "top1": 100 * top[:, 0].sum().item() / 101,
+        "top5": 100 * top.any(1).sum().item() / 101,
+    }
     r0, r1 = (json.loads((ddp / f"eval-rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["batches"], r1["batches"]) == ([16, 16, 16, 3], [16, 16, 16, 2])  # uneven shards, short last batches
     for r in (r0, r1):  # every rank gets the sums over both
@@ -466,7 +566,8 @@ def test_ddp_mid_epoch_resume_is_bitwise(ddp):
     assert_same_training_state(load_checkpoint(ddp / "full" / "last.pt"), load_checkpoint(ddp / "split" / "last.pt"))
     scores = ("epoch", "step", "test_loss", "test_acc", "test_top5", "best_acc", "lr")
     assert [{k: r[k] for k in scores} for r in records(ddp / "split")] == [
-        {k: r[k] for k in scores} for r in records(ddp / "full")]
+        {k: r[k] for k in scores} for r in records(ddp / "full")
+    ]
 
 
 def test_resume_with_another_world_size_is_refused(ddp, tmp_path, probe_model, capsys):
@@ -499,8 +600,7 @@ def test_default_run_as_shipped_reaches_accuracy_and_eval_agrees(tmp_path):
     assert cache.is_file() and json.loads(cache.read_bytes().split(b"\n", 1)[0])["torch"] == torch.__version__
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cli.train_main([*SHIPPED, "--epochs", "5", "--out-dir", str(tmp_path), "--name", "digits", "--resume",
-                        "auto"])
+        cli.train_main([*SHIPPED, "--epochs", "5", "--out-dir", str(tmp_path), "--name", "digits", "--resume", "auto"])
     assert not [w for w in caught if "compile cache" in str(w.message)]  # loaded, not ignored
     assert result["best_acc"] >= 85.0
     best = tmp_path / "digits" / "best.pt"
@@ -536,8 +636,7 @@ def test_amp_bf16_on_cpu(tmp_path, monkeypatch):
     torch._dynamo.reset()
     # memory off: the recorder sits in GLIF.forward, which the lean path (a fused BN -> GLIF unit) does not call;
     # tests/test_memory.py checks the lean path under bf16 autocast against this one, bit for bit
-    cli.train_main([*SHIPPED, "--amp", "--memory", "off", "--epochs", "1", "--out-dir", str(tmp_path),
-                    "--name", "amp"])
+    cli.train_main([*SHIPPED, "--amp", "--memory", "off", "--epochs", "1", "--out-dir", str(tmp_path), "--name", "amp"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     # two regions, training and evaluation, plus at most one recompile each when the recorder's set first grows:
     # never one per step

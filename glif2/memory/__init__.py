@@ -46,6 +46,23 @@ from glif2.memory.lean import (
     set_memory,
 )
 
-__all__ = ["MEMORY_MODES", "SPIKES", "Act", "Grid", "LeanModule", "LeanSequential", "bn_branch", "conv_bn_plain",
-           "conv_bn_spike", "conv_branch", "link_grids", "linear", "memory_mode", "multiply", "pool", "run_sequence",
-           "set_memory", "unit"]
+__all__ = [
+    "MEMORY_MODES",
+    "SPIKES",
+    "Act",
+    "Grid",
+    "LeanModule",
+    "LeanSequential",
+    "bn_branch",
+    "conv_bn_plain",
+    "conv_bn_spike",
+    "conv_branch",
+    "link_grids",
+    "linear",
+    "memory_mode",
+    "multiply",
+    "pool",
+    "run_sequence",
+    "set_memory",
+    "unit",
+]

@@ -21,8 +21,16 @@ _C = "c -> 1 c 1 1"
 
 
 @torch.library.custom_op("glif2::batch_norm_train", mutates_args=("running_mean", "running_var"))
-def batch_norm_train(y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                     momentum: float, eps: float, group: str) -> tuple[Tensor, Tensor, Tensor]:
+def batch_norm_train(
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float,
+    eps: float,
+    group: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode BN of y without autograd: (output, batch mean, batch invstd), running statistics updated in
     place (empty running tensors: none kept; group "": this process's batch). The ATen kernel the plain path runs,
     kept opaque under torch.compile so that the backward's recomputation (the same kernel) rebuilds the output bit
@@ -48,13 +56,20 @@ def bn_apply(y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tens
     return _sync_apply(y, weight, bias, mean, invstd)
 
 
-def bn_backward(dv: Tensor, y: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float, group,
-                mask: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def bn_backward(
+    dv: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    group,
+    mask: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(d input, d weight, d bias) of training-mode BN, each where `mask` asks for it: ATen's own backward, or the
     synchronized one."""
     if group is None:
-        return torch.ops.aten.native_batch_norm_backward(dv, y, weight, None, None, mean, invstd, True, eps,
-                                                         list(mask))
+        return torch.ops.aten.native_batch_norm_backward(dv, y, weight, None, None, mean, invstd, True, eps, list(mask))
     return _sync_backward(dv, y, weight, mean, invstd, group, mask)
 
 
@@ -64,8 +79,10 @@ def bn_parts(bn: _BatchNorm) -> tuple[Tensor, Tensor, float]:
     if not bn.affine:
         raise ValueError("the lean memory modes need affine BatchNorm layers; use memory='off'")
     if bn.momentum is None:
-        raise ValueError("the lean memory modes need BatchNorm layers with a momentum (not the cumulative average of "
-                         "momentum=None); use memory='off'")
+        raise ValueError(
+            "the lean memory modes need BatchNorm layers with a momentum (not the cumulative average of "
+            "momentum=None); use memory='off'"
+        )
     weight = bn.train_weight() if isinstance(bn, tdBatchNorm) else bn.weight
     if bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
@@ -105,8 +122,16 @@ def _sync_stats(y: Tensor, eps: float, group) -> tuple[Tensor, Tensor, Tensor, T
     return mean, var, torch.rsqrt(var + eps), count
 
 
-def _sync_forward(y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-                  momentum: float, eps: float, group) -> tuple[Tensor, Tensor, Tensor]:
+def _sync_forward(
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    group,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(BN output, mean, invstd) with the statistics of the global batch; running statistics updated in place."""
     mean, var, invstd, count = _sync_stats(y, eps, group)
     if running_mean is not None:
@@ -133,8 +158,9 @@ def _sync_backward(dv: Tensor, y: Tensor, weight: Tensor, mean: Tensor, invstd: 
         count = torch.full((1, 1), y.numel() / y.shape[1], dtype=acc, device=y.device)
         total = _all_sum(torch.cat([local, count.expand(1, local.shape[1])]), group)
         mean_dy, mean_dy_xmu = rearrange(total[:2] / total[2:], "k c -> k 1 c 1 1")
-        gy = ((dv_acc - mean_dy - xmu * rearrange(invstd, _C) ** 2 * mean_dy_xmu)
-              * rearrange(invstd * weight.to(acc), _C)).to(y.dtype)
+        gy = (
+            (dv_acc - mean_dy - xmu * rearrange(invstd, _C) ** 2 * mean_dy_xmu) * rearrange(invstd * weight.to(acc), _C)
+        ).to(y.dtype)
     return gy, g_w, g_b
 
 

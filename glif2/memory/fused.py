@@ -155,21 +155,34 @@ def _rebuild(saved: SavedBranch, spec: BranchSpec) -> tuple[Tensor, Tensor, Tens
     return z, y, out
 
 
-def _branch_backward(dv: Tensor, z: Tensor, y: Tensor, saved: SavedBranch, spec: BranchSpec,
-                     needs: BranchGrads) -> BranchGrads:
+def _branch_backward(
+    dv: Tensor, z: Tensor, y: Tensor, saved: SavedBranch, spec: BranchSpec, needs: BranchGrads
+) -> BranchGrads:
     """One branch's BN (and conv) backward from the GLIF input's gradient dv."""
-    gy, g_w, g_b = bn_backward(dv, y, saved.bn_weight, saved.mean, saved.invstd, spec.eps, resolve_group(spec.group),
-                               (needs.z or needs.conv_weight, needs.bn_weight, needs.bn_bias))
+    gy, g_w, g_b = bn_backward(
+        dv,
+        y,
+        saved.bn_weight,
+        saved.mean,
+        saved.invstd,
+        spec.eps,
+        resolve_group(spec.group),
+        (needs.z or needs.conv_weight, needs.bn_weight, needs.bn_bias),
+    )
     gz, g_cw = gy, None
     if spec.conv is not None:
-        gz, g_cw = (conv_backward(gy, z, saved.conv_weight, spec.conv, needs.z, needs.conv_weight)
-                    if needs.z or needs.conv_weight else (None, None))
+        gz, g_cw = (
+            conv_backward(gy, z, saved.conv_weight, spec.conv, needs.z, needs.conv_weight)
+            if needs.z or needs.conv_weight
+            else (None, None)
+        )
     return BranchGrads(*(g if g is not None else empty_like_none(dv) for g in (gz, g_cw, g_w, g_b)))
 
 
 @torch.library.custom_op("glif2::unit_backward", mutates_args=())
-def unit_backward(grad: Tensor, saved: list[Tensor], coeffs: list[Tensor], needs: list[bool],
-                  spec: str) -> list[Tensor]:
+def unit_backward(
+    grad: Tensor, saved: list[Tensor], coeffs: list[Tensor], needs: list[bool], spec: str
+) -> list[Tensor]:
     """The unit's backward: rebuild each BN input bit for bit (unpack, or redo the conv), the BN outputs and their
     sum (the GLIF input), run the fused GLIF backward, then each BN's and conv's ATen backward. `saved` is the
     flattened SavedBranch list and `needs` the flattened BranchGrads masks. Returns the flattened BranchGrads, then
@@ -186,11 +199,18 @@ def unit_backward(grad: Tensor, saved: list[Tensor], coeffs: list[Tensor], needs
         for _, _, part in rebuilt[1:]:
             v = v + part  # the plain path's add, in its order
         v_t, pattern = split_time(v, unit.neuron.t), unit.neuron.pattern
-        d_flat, d = fused_backward_kernel(rearrange(grad, pattern), rearrange(v_t, pattern), GLIFCoeffs(*coeffs),
-                                          unit.neuron.surrogate, unit.neuron.width)
+        d_flat, d = fused_backward_kernel(
+            rearrange(grad, pattern),
+            rearrange(v_t, pattern),
+            GLIFCoeffs(*coeffs),
+            unit.neuron.surrogate,
+            unit.neuron.width,
+        )
         dv, d_coeffs = merge_time(d_flat.reshape(v_t.shape)), list(d)
-    grads = [_branch_backward(dv, z, y, s, b, m)
-             for (z, y, _), s, b, m in zip(rebuilt, branches, unit.branches, masks, strict=True)]
+    grads = [
+        _branch_backward(dv, z, y, s, b, m)
+        for (z, y, _), s, b, m in zip(rebuilt, branches, unit.branches, masks, strict=True)
+    ]
     return flatten(grads) + d_coeffs
 
 
@@ -199,13 +219,17 @@ def _(grad, saved, coeffs, needs, spec):
     unit = parse(spec)
     count = len(unit.branches)
     out = []
-    for s, b, m in zip(unflatten(SavedBranch, saved, count), unit.branches, unflatten(BranchGrads, needs, count),
-                       strict=True):
-        out.append(BranchGrads(
-            z=grad.new_empty(b.shape if m.z else (0,), dtype=getattr(torch, b.dtype)),
-            conv_weight=grad.new_empty(s.conv_weight.shape if m.conv_weight else (0,), dtype=s.conv_weight.dtype),
-            bn_weight=grad.new_empty(s.bn_weight.shape if m.bn_weight else (0,), dtype=s.bn_weight.dtype),
-            bn_bias=grad.new_empty(s.bn_weight.shape if m.bn_bias else (0,), dtype=s.bn_weight.dtype)))
+    for s, b, m in zip(
+        unflatten(SavedBranch, saved, count), unit.branches, unflatten(BranchGrads, needs, count), strict=True
+    ):
+        out.append(
+            BranchGrads(
+                z=grad.new_empty(b.shape if m.z else (0,), dtype=getattr(torch, b.dtype)),
+                conv_weight=grad.new_empty(s.conv_weight.shape if m.conv_weight else (0,), dtype=s.conv_weight.dtype),
+                bn_weight=grad.new_empty(s.bn_weight.shape if m.bn_weight else (0,), dtype=s.bn_weight.dtype),
+                bn_bias=grad.new_empty(s.bn_weight.shape if m.bn_bias else (0,), dtype=s.bn_weight.dtype),
+            )
+        )
     return flatten(out) + ([c.new_empty(c.shape) for c in coeffs] if unit.neuron is not None else [])
 
 
@@ -213,12 +237,17 @@ def _setup_context(ctx, inputs, output):
     v, tensors, coeffs, spec = inputs
     unit = parse(spec)
     branches = unflatten(BranchTensors, tensors, len(unit.branches))
-    saved = [SavedBranch(b.z if s.encoding.kind == "as_is" else b.kept, b.conv_weight, b.bn_weight, b.bn_bias, b.mean,
-                         b.invstd) for b, s in zip(branches, unit.branches, strict=True)]
+    saved = [
+        SavedBranch(
+            b.z if s.encoding.kind == "as_is" else b.kept, b.conv_weight, b.bn_weight, b.bn_bias, b.mean, b.invstd
+        )
+        for b, s in zip(branches, unit.branches, strict=True)
+    ]
     ctx.save_for_backward(*flatten(saved), *coeffs)
     ctx.spec = spec
-    ctx.needs = [BranchGrads(*(t.requires_grad for t in (b.z, b.conv_weight, b.bn_weight, b.bn_bias)))
-                 for b in branches]
+    ctx.needs = [
+        BranchGrads(*(t.requires_grad for t in (b.z, b.conv_weight, b.bn_weight, b.bn_bias))) for b in branches
+    ]
 
 
 def _backward(ctx, grad: Tensor):
@@ -230,9 +259,16 @@ def _backward(ctx, grad: Tensor):
     tensor_grads = []
     for g, need in zip(grads, ctx.needs, strict=True):
         g = BranchGrads(*(t if wanted else None for t, wanted in zip(g, need, strict=True)))
-        tensor_grads += BranchTensors(z=g.z, kept=None, conv_weight=g.conv_weight, bn_weight=g.bn_weight,
-                                      bn_bias=g.bn_bias, mean=None, invstd=None)
-    return None, tensor_grads, list(out[count * len(BranchGrads._fields):]), None
+        tensor_grads += BranchTensors(
+            z=g.z,
+            kept=None,
+            conv_weight=g.conv_weight,
+            bn_weight=g.bn_weight,
+            bn_bias=g.bn_bias,
+            mean=None,
+            invstd=None,
+        )
+    return None, tensor_grads, list(out[count * len(BranchGrads._fields) :]), None
 
 
 torch.library.register_autograd("glif2::unit_forward", _backward, setup_context=_setup_context)
@@ -284,13 +320,31 @@ def unit(branches: list[Branch], neuron: GLIF | None, t: int) -> Tensor:
         running = (br.bn.running_mean, br.bn.running_var) if br.bn.track_running_stats else (none, none)
         with torch.no_grad():
             y = F.conv2d(br.z, br.conv_weight, None, *br.conv) if br.conv is not None else br.z
-            out, mean, invstd = batch_norm_train(y, weight.detach(), bias.detach(), *running, momentum, br.bn.eps,
-                                                 group)
+            out, mean, invstd = batch_norm_train(
+                y, weight.detach(), bias.detach(), *running, momentum, br.bn.eps, group
+            )
         v = out if v is None else v + out  # the plain path's add, in its order
-        tensors.append(BranchTensors(br.z, none if br.kept is None else br.kept,
-                                     none if br.conv_weight is None else br.conv_weight, weight, bias, mean, invstd))
-        specs.append(BranchSpec(br.encoding if br.kept is not None else Encoding(), br.conv, br.bn.eps, group,
-                                tuple(br.z.shape), str(br.z.dtype).removeprefix("torch.")))
+        tensors.append(
+            BranchTensors(
+                br.z,
+                none if br.kept is None else br.kept,
+                none if br.conv_weight is None else br.conv_weight,
+                weight,
+                bias,
+                mean,
+                invstd,
+            )
+        )
+        specs.append(
+            BranchSpec(
+                br.encoding if br.kept is not None else Encoding(),
+                br.conv,
+                br.bn.eps,
+                group,
+                tuple(br.z.shape),
+                str(br.z.dtype).removeprefix("torch."),
+            )
+        )
     spec_neuron, coeffs = None, []
     if neuron is not None:
         spec_neuron = NeuronSpec(t, neuron.flat_pattern(), neuron.surrogate, neuron.surrogate_width)
@@ -298,5 +352,18 @@ def unit(branches: list[Branch], neuron: GLIF | None, t: int) -> Tensor:
     return unit_forward(v, flatten(tensors), coeffs, _encode(_plain(UnitSpec(tuple(specs), spec_neuron))))
 
 
-__all__ = ["Branch", "BranchGrads", "BranchSpec", "BranchTensors", "NeuronSpec", "SavedBranch", "UnitSpec",
-           "flatten", "parse", "unflatten", "unit", "unit_backward", "unit_forward"]
+__all__ = [
+    "Branch",
+    "BranchGrads",
+    "BranchSpec",
+    "BranchTensors",
+    "NeuronSpec",
+    "SavedBranch",
+    "UnitSpec",
+    "flatten",
+    "parse",
+    "unflatten",
+    "unit",
+    "unit_backward",
+    "unit_forward",
+]

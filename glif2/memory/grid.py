@@ -68,7 +68,6 @@ def unpack(packed: Tensor, grid: Grid, shape: tuple[int, ...], dtype: torch.dtyp
     return values / grid.scale if grid.scale != 1 else values
 
 
-
 pack_kernel = compile_kernel(pack)
 unpack_kernel = compile_kernel(unpack)
 
@@ -114,5 +113,4 @@ def decode(saved: Tensor, encoding: Encoding, shape: tuple[int, ...], dtype: tor
     return repeat(saved, "b c h w -> (t b) c h w", t=encoding.steps).to(dtype)
 
 
-__all__ = ["AS_IS", "SPIKES", "Encoding", "Grid", "decode", "pack", "pack_kernel", "unpack",
-           "unpack_kernel"]
+__all__ = ["AS_IS", "SPIKES", "Encoding", "Grid", "decode", "pack", "pack_kernel", "unpack", "unpack_kernel"]

@@ -97,8 +97,14 @@ def conv_bn_plain(conv_bn: nn.Sequential, act: Act, mode: str) -> Tensor:
 
 
 def pool_spec(module: nn.AvgPool2d) -> PoolSpec:
-    return PoolSpec(_pair(module.kernel_size), _pair(module.stride), _pair(module.padding), module.ceil_mode,
-                    module.count_include_pad, module.divisor_override)
+    return PoolSpec(
+        _pair(module.kernel_size),
+        _pair(module.stride),
+        _pair(module.padding),
+        module.ceil_mode,
+        module.count_include_pad,
+        module.divisor_override,
+    )
 
 
 def pooled_grid(module: nn.AvgPool2d, grid: Grid | None) -> Grid | None:
@@ -108,14 +114,23 @@ def pooled_grid(module: nn.AvgPool2d, grid: Grid | None) -> Grid | None:
     if grid is None:
         return None
     spec = pool_spec(module)
-    problems = [why for why, bad in (
-        ("ceil_mode=True averages partial windows", spec.ceil_mode),
-        (f"divisor_override={spec.divisor}", spec.divisor is not None),
-        ("padding with count_include_pad=False divides edge windows by fewer values",
-         spec.padding != (0, 0) and not spec.count_include_pad)) if bad]
+    problems = [
+        why
+        for why, bad in (
+            ("ceil_mode=True averages partial windows", spec.ceil_mode),
+            (f"divisor_override={spec.divisor}", spec.divisor is not None),
+            (
+                "padding with count_include_pad=False divides edge windows by fewer values",
+                spec.padding != (0, 0) and not spec.count_include_pad,
+            ),
+        )
+        if bad
+    ]
     if problems:
-        raise ValueError(f"lean memory modes: {module} on values of {grid} gives values off the k / window grid "
-                         f"({'; '.join(problems)}); use the default pooling options or memory='off'")
+        raise ValueError(
+            f"lean memory modes: {module} on values of {grid} gives values off the k / window grid "
+            f"({'; '.join(problems)}); use the default pooling options or memory='off'"
+        )
     return grid.pooled(spec.kernel[0] * spec.kernel[1])
 
 
@@ -144,8 +159,7 @@ def multiply(a: Act, b: Act) -> Act:
 
 
 def is_conv_bn(m: nn.Module) -> bool:
-    return (isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d)
-            and isinstance(m[1], _BatchNorm))
+    return isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d) and isinstance(m[1], _BatchNorm)
 
 
 def is_pool(m: nn.Module) -> bool:
@@ -215,8 +229,10 @@ class LeanModule(nn.Module):
         if not torch.compiler.is_compiling():  # eagerly (every test): the static grid is what lean produced
             expected = self.out_grid(self.in_grid)
             if act.grid != expected:
-                raise AssertionError(f"{type(self).__name__}.lean left its output on {act.grid}, but out_grid says "
-                                     f"{expected}: fix out_grid")
+                raise AssertionError(
+                    f"{type(self).__name__}.lean left its output on {act.grid}, but out_grid says "
+                    f"{expected}: fix out_grid"
+                )
         return act.x
 
     def enter(self, x: Tensor) -> Act:
@@ -303,6 +319,22 @@ def memory_mode(model: nn.Module) -> str:
     return getattr(model, "memory_mode", "off")
 
 
-__all__ = ["MEMORY_MODES", "Act", "LeanModule", "LeanSequential", "active_mode", "bn_branch", "conv_bn_plain",
-           "conv_bn_spike", "conv_branch", "link_grids", "linear", "memory_mode", "multiply", "pool", "pooled_grid",
-           "run_sequence", "set_memory"]
+__all__ = [
+    "MEMORY_MODES",
+    "Act",
+    "LeanModule",
+    "LeanSequential",
+    "active_mode",
+    "bn_branch",
+    "conv_bn_plain",
+    "conv_bn_spike",
+    "conv_branch",
+    "link_grids",
+    "linear",
+    "memory_mode",
+    "multiply",
+    "pool",
+    "pooled_grid",
+    "run_sequence",
+    "set_memory",
+]

@@ -27,16 +27,27 @@ class ConvSpec(NamedTuple):
     @staticmethod
     def of(conv: nn.Conv2d) -> "ConvSpec":
         if isinstance(conv.padding, str) or conv.bias is not None:
-            raise ValueError("the lean memory modes need bias-free convolutions with numeric padding; use "
-                             "memory='off'")
+            raise ValueError("the lean memory modes need bias-free convolutions with numeric padding; use memory='off'")
         return ConvSpec(tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
 
 
-def conv_backward(grad: Tensor, x: Tensor, weight: Tensor, conv: ConvSpec, need_x: bool,
-                  need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+def conv_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, conv: ConvSpec, need_x: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
     """(d input, d weight) of a bias-free conv2d: ATen's convolution_backward, as autograd calls it."""
-    gx, gw, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, conv.stride, conv.padding, conv.dilation,
-                                                    False, [0] * len(conv.stride), conv.groups, [need_x, need_w, False])
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        weight,
+        None,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        False,
+        [0] * len(conv.stride),
+        conv.groups,
+        [need_x, need_w, False],
+    )
     return gx, gw
 
 
@@ -124,16 +135,23 @@ class GridMul(torch.autograd.Function):
     """a * b (SEW's AND / IAND connections) keeping both factors packed."""
 
     @staticmethod
-    def forward(a: Tensor, a_kept: Tensor | None, b: Tensor, b_kept: Tensor | None,
-                encodings: tuple[Encoding, Encoding]) -> Tensor:
+    def forward(
+        a: Tensor, a_kept: Tensor | None, b: Tensor, b_kept: Tensor | None, encodings: tuple[Encoding, Encoding]
+    ) -> Tensor:
         return a * b
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         a, a_kept, b, b_kept, (a_enc, b_enc) = inputs
         ctx.save_for_backward(kept_or(a, a_kept), kept_or(b, b_kept))
-        ctx.meta = (tuple(a.shape), a.dtype, a_enc if a_kept is not None else AS_IS,
-                    tuple(b.shape), b.dtype, b_enc if b_kept is not None else AS_IS)
+        ctx.meta = (
+            tuple(a.shape),
+            a.dtype,
+            a_enc if a_kept is not None else AS_IS,
+            tuple(b.shape),
+            b.dtype,
+            b_enc if b_kept is not None else AS_IS,
+        )
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -144,5 +162,4 @@ class GridMul(torch.autograd.Function):
         return ga, None, gb, None, None
 
 
-__all__ = ["AvgPoolNoSave", "ConvSpec", "GridMul", "PackedConv", "PackedLinear", "PoolSpec", "conv_backward",
-           "kept_or"]
+__all__ = ["AvgPoolNoSave", "ConvSpec", "GridMul", "PackedConv", "PackedLinear", "PoolSpec", "conv_backward", "kept_or"]

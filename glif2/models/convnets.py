@@ -50,8 +50,9 @@ class CIFARNet(nn.Module):
 
     arch = (128, 256, "A", 512, "A", 1024, 512)
 
-    def __init__(self, *, num_classes: int, T: int, neuron: Neuron, norm: Norm, in_channels: int = 3,
-                 input_size: int = 32):
+    def __init__(
+        self, *, num_classes: int, T: int, neuron: Neuron, norm: Norm, in_channels: int = 3, input_size: int = 32
+    ):
         super().__init__()
         if input_size % 4:
             raise ValueError(f"input_size={input_size} must be a multiple of 4 (two 2x2 average pools)")
@@ -96,8 +97,16 @@ class GLIFNetSmall(nn.Module):
     conv 3x3 in->32, conv 3x3 32->64, avg-pool 2, conv 3x3 64->128, GAP, Linear(128 -> K).
     """
 
-    def __init__(self, *, num_classes: int, T: int, neuron: Neuron, norm: Norm, in_channels: int = 1,
-                 widths: tuple[int, int, int] = (32, 64, 128)):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        T: int,
+        neuron: Neuron,
+        norm: Norm,
+        in_channels: int = 1,
+        widths: tuple[int, int, int] = (32, 64, 128),
+    ):
         super().__init__()
         self.T = T
         c1, c2, c3 = widths
@@ -137,15 +146,22 @@ class GLIFNetSmall(nn.Module):
 @register_model
 def cifarnet(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 3, input_size: int = 32, **neuron):
     """CIFARNet, docs/networks.md §2.3 (~45.0 M parameters at 32x32)."""
-    return CIFARNet(num_classes=num_classes, T=T, neuron=neuron_factory(T, **neuron), norm=norm_factory(bn),
-                    in_channels=in_channels, input_size=input_size)
+    return CIFARNet(
+        num_classes=num_classes,
+        T=T,
+        neuron=neuron_factory(T, **neuron),
+        norm=norm_factory(bn),
+        in_channels=in_channels,
+        input_size=input_size,
+    )
 
 
 @register_model
 def glifnet_small(num_classes: int, T: int, *, bn: str = "td", in_channels: int = 1, **neuron):
     """The small digits net (8x8 grey images by default)."""
-    return GLIFNetSmall(num_classes=num_classes, T=T, neuron=neuron_factory(T, **neuron), norm=norm_factory(bn),
-                        in_channels=in_channels)
+    return GLIFNetSmall(
+        num_classes=num_classes, T=T, neuron=neuron_factory(T, **neuron), norm=norm_factory(bn), in_channels=in_channels
+    )
 
 
 __all__ = ["CIFARNet", "GLIFNetSmall", "SpikeHead"]

@@ -175,8 +175,9 @@ class SpikingResNet(nn.Module):
         super().__init__()
         self.T = T
         kernel, stride, padding = stem
-        self.conv1 = LeanSequential(conv_bn(in_channels, widths[0], kernel, stride, padding, norm), neuron(widths[0]),
-                                    image_steps=T)  # the stem: takes the image, repeats it over t
+        self.conv1 = LeanSequential(
+            conv_bn(in_channels, widths[0], kernel, stride, padding, norm), neuron(widths[0]), image_steps=T
+        )  # the stem: takes the image, repeats it over t
         blocks, c_in = [], widths[0]
         for c_out, n, s in zip(widths[1:], repeats, strides, strict=True):
             for i in range(n):
@@ -243,43 +244,93 @@ _IMAGENET_STEM = (7, 2, 1)  # padding 1, not 3, and no max-pool: 224 -> 110
 def resnet18(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
     """CIFAR "stand18": strides [1, 1, 2, 2] (the 128 stage does not downsample), docs/networks.md §2.1."""
     cw_glif = neuron.get("channel_wise", True) and neuron.get("variant", "glif") == "glif"
-    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
-                   block=BasicBlock, repeats=(2, 2, 2, 2), strides=(1, 1, 2, 2), widths=(64, 64, 128, 256, 512),
-                   stem=_CIFAR_STEM, two_linear=_two_linear(head, num_classes, cw_glif))
+    return _resnet(
+        num_classes,
+        T,
+        bn=bn,
+        in_channels=in_channels,
+        neuron_options=neuron,
+        block=BasicBlock,
+        repeats=(2, 2, 2, 2),
+        strides=(1, 1, 2, 2),
+        widths=(64, 64, 128, 256, 512),
+        stem=_CIFAR_STEM,
+        two_linear=_two_linear(head, num_classes, cw_glif),
+    )
 
 
 @register_model
 def resnet19(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
     """CIFAR ResNet-19: stem 128, stages [3, 3, 2] x 128/256/512, strides [1, 2, 2], docs/networks.md §2.2."""
     glif = neuron.get("variant", "glif") == "glif"
-    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
-                   block=BasicBlock, repeats=(3, 3, 2), strides=(1, 2, 2), widths=(128, 128, 256, 512),
-                   stem=_CIFAR_STEM, two_linear=_two_linear(head, num_classes, glif))
+    return _resnet(
+        num_classes,
+        T,
+        bn=bn,
+        in_channels=in_channels,
+        neuron_options=neuron,
+        block=BasicBlock,
+        repeats=(3, 3, 2),
+        strides=(1, 2, 2),
+        widths=(128, 128, 256, 512),
+        stem=_CIFAR_STEM,
+        two_linear=_two_linear(head, num_classes, glif),
+    )
 
 
 @register_model
 def resnet34(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
     """ImageNet ResNet-34 "stand": 7x7/2 stem (padding 1), stages [3, 4, 6, 3] all stride 2, docs/networks.md §3.1."""
-    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
-                   block=BasicBlock, repeats=(3, 4, 6, 3), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
-                   stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, False))
+    return _resnet(
+        num_classes,
+        T,
+        bn=bn,
+        in_channels=in_channels,
+        neuron_options=neuron,
+        block=BasicBlock,
+        repeats=(3, 4, 6, 3),
+        strides=(2, 2, 2, 2),
+        widths=(64, 64, 128, 256, 512),
+        stem=_IMAGENET_STEM,
+        two_linear=_two_linear(head, num_classes, False),
+    )
 
 
 @register_model
 def resnet18ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
     """ImageNet ResNet-18MS (membrane shortcut), stages [2, 2, 2, 2] all stride 2. The released model
     was trained with plain BN: load it with bn="plain". docs/networks.md §3.2."""
-    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
-                   block=MSBlock, repeats=(2, 2, 2, 2), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
-                   stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, True))
+    return _resnet(
+        num_classes,
+        T,
+        bn=bn,
+        in_channels=in_channels,
+        neuron_options=neuron,
+        block=MSBlock,
+        repeats=(2, 2, 2, 2),
+        strides=(2, 2, 2, 2),
+        widths=(64, 64, 128, 256, 512),
+        stem=_IMAGENET_STEM,
+        two_linear=_two_linear(head, num_classes, True),
+    )
 
 
 @register_model
 def resnet34ms(num_classes: int, T: int, *, bn: str = "td", head: str = "auto", in_channels: int = 3, **neuron):
     """ImageNet ResNet-34MS (membrane shortcut), stages [3, 4, 6, 3] all stride 2, docs/networks.md §3.2."""
-    return _resnet(num_classes, T, bn=bn, in_channels=in_channels, neuron_options=neuron,
-                   block=MSBlock, repeats=(3, 4, 6, 3), strides=(2, 2, 2, 2), widths=(64, 64, 128, 256, 512),
-                   stem=_IMAGENET_STEM, two_linear=_two_linear(head, num_classes, True))
+    return _resnet(
+        num_classes,
+        T,
+        bn=bn,
+        in_channels=in_channels,
+        neuron_options=neuron,
+        block=MSBlock,
+        repeats=(3, 4, 6, 3),
+        strides=(2, 2, 2, 2),
+        widths=(64, 64, 128, 256, 512),
+        stem=_IMAGENET_STEM,
+        two_linear=_two_linear(head, num_classes, True),
+    )
 
 
 __all__ = ["BasicBlock", "MSBlock", "SpikingResNet", "conv_bn", "init_weights"]

@@ -96,8 +96,17 @@ class SEWResNetGLIF(nn.Module):
         in_channels: polarity channels (2).
     """
 
-    def __init__(self, *, num_classes: int, T: int, connect: str, neuron: Neuron, norm, input_size: int = 48,
-                 in_channels: int = 2):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        T: int,
+        connect: str,
+        neuron: Neuron,
+        norm,
+        input_size: int = 48,
+        in_channels: int = 2,
+    ):
         super().__init__()
         if input_size % 16:
             raise ValueError(f"input_size={input_size} must be a multiple of 16 (four 2x2 average pools)")
@@ -111,9 +120,12 @@ class SEWResNetGLIF(nn.Module):
             *[sew(64) for _ in range(4)],  # conv.1-4
             pool(),  # conv.5
             unit(64, 128, 1, neuron=neuron, norm=norm),  # conv.6
-            sew(128), pool(),  # conv.7, 8
-            sew(128), pool(),  # conv.9, 10
-            sew(128), pool(),  # conv.11, 12
+            sew(128),
+            pool(),  # conv.7, 8
+            sew(128),
+            pool(),  # conv.9, 10
+            sew(128),
+            pool(),  # conv.11, 12
         )
         self.out = nn.Linear(128 * (input_size // 16) ** 2, num_classes, bias=True)
         link_grids(list(self.conv), None)  # event counts in; then spikes, SEW sums, pooled sums
@@ -139,8 +151,18 @@ class SEWResNetGLIF(nn.Module):
 
 
 @register_model(inputs="frames")
-def sew7b_wide(num_classes: int, T: int, *, connect: str = "ADD", bn: str = "plain", random_gates: bool = True,
-               gate_dtype: str = "float64", input_size: int = 48, in_channels: int = 2, **neuron):
+def sew7b_wide(
+    num_classes: int,
+    T: int,
+    *,
+    connect: str = "ADD",
+    bn: str = "plain",
+    random_gates: bool = True,
+    gate_dtype: str = "float64",
+    input_size: int = 48,
+    in_channels: int = 2,
+    **neuron,
+):
     """CIFAR10-DVS 7B-wideNet (1,236,298 parameters at T=16, 10 classes).
 
     `random_gates` draws the gates from U(-0.1, 0.1) (the reference always does; False keeps the `gate` init);
@@ -148,9 +170,15 @@ def sew7b_wide(num_classes: int, T: int, *, connect: str = "ADD", bn: str = "pla
     """
     if gate_dtype not in ("float64", "float32"):
         raise ValueError(f"gate_dtype={gate_dtype!r}; choose 'float64' (reference) or 'float32'")
-    model = SEWResNetGLIF(num_classes=num_classes, T=T, connect=connect, input_size=input_size,
-                          in_channels=in_channels, neuron=neuron_factory(T, **{**DVS_NEURON, **neuron}),
-                          norm=norm_factory(bn))
+    model = SEWResNetGLIF(
+        num_classes=num_classes,
+        T=T,
+        connect=connect,
+        input_size=input_size,
+        in_channels=in_channels,
+        neuron=neuron_factory(T, **{**DVS_NEURON, **neuron}),
+        norm=norm_factory(bn),
+    )
     dtype = getattr(torch, gate_dtype)
     if random_gates:
         randomize_gates(model, dtype=dtype)

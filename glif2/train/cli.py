@@ -58,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a GLIF network (single process, or under torchrun for DDP). Flags override the preset's "
         "values; --list-presets shows them. A run never overwrites another run's folder.",
     )
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), metavar="PRESET",
-                        help=f"named preset: {{{','.join(PRESETS)}}}")
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help=f"named preset: {{{','.join(PRESETS)}}}",
+    )
     parser.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     docs = _field_docs()
     hints = typing.get_type_hints(TrainConfig)
@@ -71,14 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=docs.get(f.name, ""))
         elif typing.get_origin(tp) is tuple:  # a fixed number of values: --gate-init 0.6 0.8 0.6
             args = typing.get_args(tp)
-            parser.add_argument(flag, type=args[0], nargs=len(args), default=None, help=docs.get(f.name, ""),
-                                metavar=f.name.upper())
+            parser.add_argument(
+                flag, type=args[0], nargs=len(args), default=None, help=docs.get(f.name, ""), metavar=f.name.upper()
+            )
         else:
-            parser.add_argument(flag, type=tp, default=None, help=docs.get(f.name, ""), choices=allowed.get(f.name),
-                                metavar=None if f.name in allowed else f.name.upper())
+            parser.add_argument(
+                flag,
+                type=tp,
+                default=None,
+                help=docs.get(f.name, ""),
+                choices=allowed.get(f.name),
+                metavar=None if f.name in allowed else f.name.upper(),
+            )
     for old, new in RENAMED.items():
-        parser.add_argument("--" + old.replace("_", "-"), dest=new, action=_Renamed, default=None,
-                            choices=allowed.get(new), help=argparse.SUPPRESS)
+        parser.add_argument(
+            "--" + old.replace("_", "-"),
+            dest=new,
+            action=_Renamed,
+            default=None,
+            choices=allowed.get(new),
+            help=argparse.SUPPRESS,
+        )
     return parser
 
 
@@ -110,23 +128,38 @@ def train_main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glif2-eval", description="Evaluate glif2 or released GLIF checkpoints: "
-                                     "top-1, top-5, loss, firing rate per GLIF layer, images/s; with --report, "
-                                     "synaptic operations, MACs and energy per layer.")
+    parser = argparse.ArgumentParser(
+        prog="glif2-eval",
+        description="Evaluate glif2 or released GLIF checkpoints: "
+        "top-1, top-5, loss, firing rate per GLIF layer, images/s; with --report, "
+        "synaptic operations, MACs and energy per layer.",
+    )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file, or a folder of them (one row each)")
-    parser.add_argument("--dataset", choices=list(DATASETS), default=None,
-                        help="test set (default: the one the checkpoint names, else from its class count)")
+    parser.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default=None,
+        help="test set (default: the one the checkpoint names, else from its class count)",
+    )
     parser.add_argument("--data-dir", default="data", help="dataset root (digits needs none)")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     parser.add_argument("--json", default=None, help="write the rows (a list of dicts) to this JSON file")
-    parser.add_argument("--report", action="store_true",
-                        help="also count, on the evaluated data, each layer's synaptic operations (accumulates driven "
-                        "by spikes) and MACs and an energy estimate per sample; printed as a table and written to "
-                        "--json under 'cost' (docs/performance.md §6)")
-    parser.add_argument("--e-ac", type=float, default=E_AC, help=f"pJ per accumulate for --report (default {E_AC}: "
-                        "45 nm, 32-bit float)")
-    parser.add_argument("--e-mac", type=float, default=E_MAC, help=f"pJ per multiply-accumulate for --report "
-                        f"(default {E_MAC}: 45 nm, 32-bit float)")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also count, on the evaluated data, each layer's synaptic operations (accumulates driven "
+        "by spikes) and MACs and an energy estimate per sample; printed as a table and written to "
+        "--json under 'cost' (docs/performance.md §6)",
+    )
+    parser.add_argument(
+        "--e-ac", type=float, default=E_AC, help=f"pJ per accumulate for --report (default {E_AC}: 45 nm, 32-bit float)"
+    )
+    parser.add_argument(
+        "--e-mac",
+        type=float,
+        default=E_MAC,
+        help=f"pJ per multiply-accumulate for --report (default {E_MAC}: 45 nm, 32-bit float)",
+    )
     return parser
 
 
@@ -139,9 +172,16 @@ def eval_main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
     try:
-        return evaluate_checkpoints(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-                                    batch_size=args.batch_size, json_path=args.json, report=args.report,
-                                    e_ac=args.e_ac, e_mac=args.e_mac)
+        return evaluate_checkpoints(
+            args.checkpoint,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            json_path=args.json,
+            report=args.report,
+            e_ac=args.e_ac,
+            e_mac=args.e_mac,
+        )
     except USER_ERRORS as e:
         print(f"glif2-eval: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

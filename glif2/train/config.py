@@ -52,11 +52,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 def choices() -> dict[str, tuple[str, ...]]:
     """CHOICES and the models registered now (a user can register more after import)."""
     return {**CHOICES, "model": tuple(list_models())}
+
+
 # Fields renamed since checkpoints were first written: old name -> new name (configs stored under the old name load).
 RENAMED = {"gates": "gate_mode"}
 # Stored `compile` values from before compile scopes (the field then held the mode): value -> (scope, mode).
-OLD_COMPILE = {"auto": ("model", "auto"), "default": ("model", "default"), "max-autotune": ("model", "max-autotune"),
-               "reduce-overhead": ("model", "reduce-overhead")}
+OLD_COMPILE = {
+    "auto": ("model", "auto"),
+    "default": ("model", "default"),
+    "max-autotune": ("model", "max-autotune"),
+    "reduce-overhead": ("model", "reduce-overhead"),
+}
 
 
 @dataclass(kw_only=True)
@@ -194,8 +200,9 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be positive")
         if self.gate_lr_divisor <= 0:
-            raise ConfigError(f"gate_lr_divisor={self.gate_lr_divisor} must be positive (the gates learn at "
-                              "lr / gate_lr_divisor)")
+            raise ConfigError(
+                f"gate_lr_divisor={self.gate_lr_divisor} must be positive (the gates learn at lr / gate_lr_divisor)"
+            )
         try:
             check_gate_init(self.gate_init)
         except ValueError as err:
@@ -207,12 +214,15 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must lie in [0, 1)")
         if self.compile == "none" and self.compile_mode not in ("auto", "default"):
-            raise ConfigError(f"compile_mode={self.compile_mode!r} with compile=none: nothing would be compiled; "
-                              "pass --compile regional or --compile model")
+            raise ConfigError(
+                f"compile_mode={self.compile_mode!r} with compile=none: nothing would be compiled; "
+                "pass --compile regional or --compile model"
+            )
         check_energies(self.e_ac, self.e_mac)
         if self.resume not in ("", "auto") and not self.resume.endswith(CHECKPOINT_SUFFIXES):
-            raise ConfigError(f"resume={self.resume!r}: '' (fresh), 'auto', or a checkpoint file "
-                              f"({', '.join(CHECKPOINT_SUFFIXES)})")
+            raise ConfigError(
+                f"resume={self.resume!r}: '' (fresh), 'auto', or a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,14 +248,41 @@ class TrainConfig:
 # presets
 
 # The README's CIFAR command: --soft-mode --channel-wise --randomgate --tunable-lif, lr 0.1, batch 64, 200 epochs.
-_README_CIFAR = dict(epochs=200, batch_size=64, lr=0.1, weight_decay=4e-5, gate_mode="soft", channel_wise=True,
-                     randomgate=True, tunable_lif=True, gate_lr_divisor=10.0, scheduler="soft-cosine", seed=9)
+_README_CIFAR = dict(
+    epochs=200,
+    batch_size=64,
+    lr=0.1,
+    weight_decay=4e-5,
+    gate_mode="soft",
+    channel_wise=True,
+    randomgate=True,
+    tunable_lif=True,
+    gate_lr_divisor=10.0,
+    scheduler="soft-cosine",
+    seed=9,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The CPU demo: the README recipe on a small net and the embedded digits, one CPU thread; ~1-2 minutes.
-    "digits": dict(dataset="digits", model="glifnet_small", T=2, epochs=15, batch_size=64, eval_batch_size=360,
-                   lr=0.1, weight_decay=4e-5, gate_mode="soft", channel_wise=True, randomgate=True, tunable_lif=True,
-                   gate_lr_divisor=10.0, scheduler="soft-cosine", seed=9, log_interval=5, threads=1),
+    "digits": dict(
+        dataset="digits",
+        model="glifnet_small",
+        T=2,
+        epochs=15,
+        batch_size=64,
+        eval_batch_size=360,
+        lr=0.1,
+        weight_decay=4e-5,
+        gate_mode="soft",
+        channel_wise=True,
+        randomgate=True,
+        tunable_lif=True,
+        gate_lr_divisor=10.0,
+        scheduler="soft-cosine",
+        seed=9,
+        log_interval=5,
+        threads=1,
+    ),
 }
 for _k in (10, 100):
     for _arch in ("resnet18", "resnet19"):
@@ -253,16 +290,43 @@ for _k in (10, 100):
             PRESETS[f"cifar{_k}-{_arch}-t{_t}"] = dict(dataset=f"cifar{_k}", model=_arch, T=_t, **_README_CIFAR)
 # torch.distributed.run --nproc_per_node N ... --batch-size 50 (per GPU) --MS18 --imagenet, T 6; DDP + SyncBN turns
 # tdBN into plain BN, and the gates learn at lr / 1. Written for 8 GPUs: pass --batch-size 50N for N.
-PRESETS["imagenet-resnet18ms-t6"] = dict(dataset="imagenet", model="resnet18ms", T=6, epochs=150, batch_size=400,
-                                         lr=0.1, weight_decay=4e-5, gate_mode="soft", channel_wise=True,
-                                         randomgate=True, tunable_lif=True, gate_lr_divisor=1.0,
-                                         scheduler="soft-cosine", bn="plain", sync_bn=True, seed=9)
+PRESETS["imagenet-resnet18ms-t6"] = dict(
+    dataset="imagenet",
+    model="resnet18ms",
+    T=6,
+    epochs=150,
+    batch_size=400,
+    lr=0.1,
+    weight_decay=4e-5,
+    gate_mode="soft",
+    channel_wise=True,
+    randomgate=True,
+    tunable_lif=True,
+    gate_lr_divisor=1.0,
+    scheduler="soft-cosine",
+    bn="plain",
+    sync_bn=True,
+    seed=9,
+)
 # cifar10dvs/train.py --dsr_da -amp -model SEWResNet_GLIF_dsr -cnf ADD -epochs 200 -T_max 64 -T 16 -lr 0.01 -b 32:
 # one SGD group over everything, no weight decay, PyTorch cosine with T_max 64 (periodic over 200 epochs), plain BN. The
 # model draws its float64 gates from U(-0.1, 0.1) itself.
-PRESETS["cifar10dvs-sew7b-t16"] = dict(dataset="cifar10dvs", model="sew7b_wide", T=16, epochs=200, batch_size=32,
-                                       lr=0.01, weight_decay=0.0, param_groups="single", tunable_lif=False,
-                                       scheduler="cosine", t_max=64, amp=True, bn="plain", seed=9)
+PRESETS["cifar10dvs-sew7b-t16"] = dict(
+    dataset="cifar10dvs",
+    model="sew7b_wide",
+    T=16,
+    epochs=200,
+    batch_size=32,
+    lr=0.01,
+    weight_decay=0.0,
+    param_groups="single",
+    tunable_lif=False,
+    scheduler="cosine",
+    t_max=64,
+    amp=True,
+    bn="plain",
+    seed=9,
+)
 DEFAULT_PRESET = "digits"
 
 

@@ -113,8 +113,9 @@ def group_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Stor
         if not waiting:
             return dist.PrefixStore(f"glif2/group/{me}", store)
         if time.monotonic() > deadline:
-            raise dist.DistError(f"ranks {sorted(waiting)} did not join the process group within "
-                                 f"{timeout.total_seconds():.0f} s")
+            raise dist.DistError(
+                f"ranks {sorted(waiting)} did not join the process group within {timeout.total_seconds():.0f} s"
+            )
         time.sleep(0.02)
 
 
@@ -203,5 +204,19 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "STOP_GRACE_S", "DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "destroy",
-           "die_with_launcher", "env_world_size", "group_store", "init", "is_main", "print0", "stop_deadline"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "STOP_GRACE_S",
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "destroy",
+    "die_with_launcher",
+    "env_world_size",
+    "group_store",
+    "init",
+    "is_main",
+    "print0",
+    "stop_deadline",
+]

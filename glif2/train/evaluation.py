@@ -31,8 +31,15 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(logits_of: Callable[[Tensor, Tensor], Tensor], loader, device: torch.device, *,
-             cudagraphs: bool = False, progress: bool = False, desc: str = "eval") -> dict[str, float]:
+def evaluate(
+    logits_of: Callable[[Tensor, Tensor], Tensor],
+    loader,
+    device: torch.device,
+    *,
+    cudagraphs: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
     """One pass over `loader` (batches `(x, y)`, y int64 `b`): every sample counted once, summed over all ranks.
 
     Args:
@@ -54,8 +61,14 @@ def evaluate(logits_of: Callable[[Tensor, Tensor], Tensor], loader, device: torc
             torch.compiler.cudagraph_mark_step_begin()
         logits = logits_of(x, y).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), top[:, 0].sum().double(),
-                             top.any(dim=1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum").double(),
+                top[:, 0].sum().double(),
+                top.any(dim=1).sum().double(),
+                torch.tensor(len(y), dtype=torch.float64, device=device),
+            ]
+        )
         if i == 0:  # warm-up batch: compilation and allocation stay out of images/s
             _sync(device)
             start = time.perf_counter()
@@ -68,12 +81,27 @@ def evaluate(logits_of: Callable[[Tensor, Tensor], Tensor], loader, device: torc
         raise ConfigError("the test loader yielded no samples")
     if timed == 0:  # a single batch: report it, warm-up included
         timed, start = int(n), begin
-    return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "num_samples": int(n),
-            "images_per_s": timed / max(end - start, 1e-9), "seconds": end - begin}
+    return {
+        "loss": loss / n,
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "num_samples": int(n),
+        "images_per_s": timed / max(end - start, 1e-9),
+        "seconds": end - begin,
+    }
 
 
-def evaluate_model(model: nn.Module, loader, device: torch.device, *, progress: bool = True, desc: str = "eval",
-                   report: bool = False, e_ac: float = E_AC, e_mac: float = E_MAC) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    progress: bool = True,
+    desc: str = "eval",
+    report: bool = False,
+    e_ac: float = E_AC,
+    e_mac: float = E_MAC,
+) -> dict[str, Any]:
     """`evaluate` on an uncompiled model in eval mode, plus the mean firing rate of every GLIF layer (hooks).
 
     With `report`, also the cost report of the same pass (glif2.cost: SOPs, MACs and energy per sample, per layer and
@@ -87,8 +115,17 @@ def evaluate_model(model: nn.Module, loader, device: torch.device, *, progress: 
     return {**result, "firing_rate": fr.overall(), "firing_rates": fr.rates(), **extra}
 
 
-def evaluate_epoch(objective: nn.Module, model: nn.Module, loader, device: torch.device, *, cudagraphs: bool,
-                   report: bool, e_ac: float, e_mac: float) -> tuple[dict[str, Any], dict[str, float]]:
+def evaluate_epoch(
+    objective: nn.Module,
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    cudagraphs: bool,
+    report: bool,
+    e_ac: float,
+    e_mac: float,
+) -> tuple[dict[str, Any], dict[str, float]]:
     """train.py's test pass after an epoch: `evaluate` through the compiled objective `(x, y) -> (loss, logits)`; with
     `report`, through the uncompiled one with uncompiled regions (a compiled graph does not call hooks) under
     glif2.cost's counter of `model` (the raw module inside it). Returns (evaluate's result, the cost fields of the
@@ -127,8 +164,14 @@ def guess_dataset(model_config: dict[str, Any]) -> str | None:
     if model_config.get("in_channels") == 1:
         return "digits"
     k = model_config.get("num_classes")
-    return next((n for n, info in pipelines.DATASETS.items() if info.kind == "image" and info.in_channels == 3
-                 and info.num_classes == k), None)
+    return next(
+        (
+            n
+            for n, info in pipelines.DATASETS.items()
+            if info.kind == "image" and info.in_channels == 3 and info.num_classes == k
+        ),
+        None,
+    )
 
 
 def format_row(row: dict[str, Any]) -> str:
@@ -143,9 +186,18 @@ def format_row(row: dict[str, Any]) -> str:
     return "\n".join([head, "  mean firing rate per layer:", *layers, *cost])
 
 
-def evaluate_checkpoints(checkpoint: str, *, dataset: str | None, data_dir: str, batch_size: int,
-                         json_path: str | None = None, device: torch.device | None = None, report: bool = False,
-                         e_ac: float = E_AC, e_mac: float = E_MAC) -> list[dict[str, Any]]:
+def evaluate_checkpoints(
+    checkpoint: str,
+    *,
+    dataset: str | None,
+    data_dir: str,
+    batch_size: int,
+    json_path: str | None = None,
+    device: torch.device | None = None,
+    report: bool = False,
+    e_ac: float = E_AC,
+    e_mac: float = E_MAC,
+) -> list[dict[str, Any]]:
     """eval.py: every checkpoint file at `checkpoint` (a file or a folder) on its test set; prints a row each (with
     `report`, its cost report too: glif2.cost, e_ac and e_mac in pJ).
 
@@ -165,27 +217,48 @@ def evaluate_checkpoints(checkpoint: str, *, dataset: str | None, data_dir: str,
             print(f"glif2-eval: skipped: {e}", file=sys.stderr, flush=True)
             unreadable.append(path.name)
             continue
-        rows.append(_evaluate_one(model, path, dataset, data_dir, batch_size, device, loaders,
-                                  {"report": report, "e_ac": e_ac, "e_mac": e_mac}))
+        rows.append(
+            _evaluate_one(
+                model,
+                path,
+                dataset,
+                data_dir,
+                batch_size,
+                device,
+                loaders,
+                {"report": report, "e_ac": e_ac, "e_mac": e_mac},
+            )
+        )
         print(format_row(rows[-1]), flush=True)
     if len(rows) > 1:
         print("\ncheckpoint, top-1, top-5, loss, firing rate, images/s")
         for row in rows:
-            print(f"{row['checkpoint']}, {row['top1']:.2f}, {row['top5']:.2f}, {row['loss']:.4f}, "
-                  f"{row['firing_rate']:.4f}, {row['images_per_s']:.1f}")
+            print(
+                f"{row['checkpoint']}, {row['top1']:.2f}, {row['top5']:.2f}, {row['loss']:.4f}, "
+                f"{row['firing_rate']:.4f}, {row['images_per_s']:.1f}"
+            )
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
     if unreadable:
-        raise CheckpointError(f"{len(unreadable)} of {len(paths)} files in {checkpoint} could not be read and were "
-                              f"skipped ({', '.join(unreadable)}; the reason for each is printed above); the other "
-                              "rows were evaluated" + (f" and written to {json_path}" if json_path else ""))
+        raise CheckpointError(
+            f"{len(unreadable)} of {len(paths)} files in {checkpoint} could not be read and were "
+            f"skipped ({', '.join(unreadable)}; the reason for each is printed above); the other "
+            "rows were evaluated" + (f" and written to {json_path}" if json_path else "")
+        )
     return rows
 
 
-def _evaluate_one(model: nn.Module, path: Path, dataset: str | None, data_dir: str, batch_size: int,
-                  device: torch.device, loaders: dict[tuple[str, int | None], Any],
-                  cost: dict[str, Any]) -> dict[str, Any]:
+def _evaluate_one(
+    model: nn.Module,
+    path: Path,
+    dataset: str | None,
+    data_dir: str,
+    batch_size: int,
+    device: torch.device,
+    loaders: dict[tuple[str, int | None], Any],
+    cost: dict[str, Any],
+) -> dict[str, Any]:
     """One checkpoint's row; test loaders are built once per (dataset, T) and shared across checkpoints."""
     config, meta = model.model_config, model.checkpoint_meta
     name = dataset or meta.get("dataset") or guess_dataset(config)
@@ -193,11 +266,27 @@ def _evaluate_one(model: nn.Module, path: Path, dataset: str | None, data_dir: s
         raise ConfigError(f"{path}: cannot tell which dataset it was trained on; pass --dataset")
     T = config["T"] if pipelines.DATASETS[name].kind == "frames" else None  # recordings binned into the model's T
     if (name, T) not in loaders:
-        loaders[name, T] = pipelines.build_loader(name, "test", data_dir=data_dir, batch_size=batch_size, T=T,
-                                                  device=device)
+        loaders[name, T] = pipelines.build_loader(
+            name, "test", data_dir=data_dir, batch_size=batch_size, T=T, device=device
+        )
     result = evaluate_model(model, loaders[name, T], device, desc=path.name, **cost)
-    return {"checkpoint": str(path), "format": meta["format"], "arch": config["name"], "T": config["T"],
-            "num_classes": config["num_classes"], "dataset": name, **result}
+    return {
+        "checkpoint": str(path),
+        "format": meta["format"],
+        "arch": config["name"],
+        "T": config["T"],
+        "num_classes": config["num_classes"],
+        "dataset": name,
+        **result,
+    }
 
-__all__ = ["evaluate", "evaluate_checkpoints", "evaluate_model", "find_checkpoints", "format_row", "guess_dataset",
-           "evaluate_epoch"]
+
+__all__ = [
+    "evaluate",
+    "evaluate_checkpoints",
+    "evaluate_model",
+    "find_checkpoints",
+    "format_row",
+    "guess_dataset",
+    "evaluate_epoch",
+]

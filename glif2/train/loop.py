@@ -54,14 +54,18 @@ class Window:
 
     def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         self.bad |= ~torch.isfinite(loss.detach())
-        self.sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                  torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+        self.sums += torch.stack(
+            [
+                loss.detach().double() * len(y),
+                (logits.argmax(1) == y).sum().double(),
+                torch.tensor(len(y), dtype=torch.float64, device=self.device),
+            ]
+        )
         self.steps += 1
 
     def reduce(self, sigterm: bool) -> tuple[list[float], bool, bool]:
         """All-reduced (loss x n, correct, n), any rank non-finite, any rank asked to stop. A host sync."""
-        flags = torch.stack([self.bad.double(), torch.tensor(float(sigterm), dtype=torch.float64,
-                                                             device=self.device)])
+        flags = torch.stack([self.bad.double(), torch.tensor(float(sigterm), dtype=torch.float64, device=self.device)])
         reduced = dist.all_reduce_sum(torch.cat([self.sums, flags])).tolist()
         return reduced[:3], reduced[3] > 0, reduced[4] > 0
 
@@ -89,15 +93,32 @@ def log_point(run: Run, window: Window, i: int, steps: int) -> bool:
         raise NonFiniteLoss(
             f"the training loss became non-finite (NaN or inf) by step {run.step} (epoch {run.epoch + 1}); stopping "
             f"without saving. The last good checkpoint is {run.run_dir / 'last.pt'} (if any epoch finished); lower "
-            "--lr, or turn off --amp, and resume with --resume auto")
+            "--lr, or turn off --amp, and resume with --resume auto"
+        )
     elapsed = time.perf_counter() - window.start
     ips = w_n / elapsed if run.step > window.steps else float("nan")  # the first window includes compilation
-    record = {"kind": "train", "epoch": run.epoch + 1, "step": run.step, "loss": w_loss / w_n,
-              "acc": 100.0 * w_correct / w_n, "lr": float(run.optimizer.param_groups[0]["lr"]), "images_per_s": ips}
-    run.logger.log(record, {"train/loss": record["loss"], "train/acc": record["acc"],
-                            **({"train/images_per_s": ips} if math.isfinite(ips) else {})}, run.step)
-    dist.print0(f"epoch {run.epoch + 1}/{run.cfg.epochs}  step {i + 1}/{steps}  loss {record['loss']:.4f}  "
-                f"acc {record['acc']:5.1f}%  {ips:7.1f} img/s")
+    record = {
+        "kind": "train",
+        "epoch": run.epoch + 1,
+        "step": run.step,
+        "loss": w_loss / w_n,
+        "acc": 100.0 * w_correct / w_n,
+        "lr": float(run.optimizer.param_groups[0]["lr"]),
+        "images_per_s": ips,
+    }
+    run.logger.log(
+        record,
+        {
+            "train/loss": record["loss"],
+            "train/acc": record["acc"],
+            **({"train/images_per_s": ips} if math.isfinite(ips) else {}),
+        },
+        run.step,
+    )
+    dist.print0(
+        f"epoch {run.epoch + 1}/{run.cfg.epochs}  step {i + 1}/{steps}  loss {record['loss']:.4f}  "
+        f"acc {record['acc']:5.1f}%  {ips:7.1f} img/s"
+    )
     return stop
 
 
@@ -131,8 +152,16 @@ def end_epoch(run: Run, epoch_sums: Tensor, start: float) -> None:
     """Test, schedule, records and checkpoints after an epoch's training."""
     train_seconds = time.perf_counter() - start
     run.objective.eval()
-    result, cost = evaluate_epoch(run.objective, run.model, run.test_loader, run.device, cudagraphs=run.cudagraphs,
-                                  report=run.cfg.report, e_ac=run.cfg.e_ac, e_mac=run.cfg.e_mac)
+    result, cost = evaluate_epoch(
+        run.objective,
+        run.model,
+        run.test_loader,
+        run.device,
+        cudagraphs=run.cudagraphs,
+        report=run.cfg.report,
+        e_ac=run.cfg.e_ac,
+        e_mac=run.cfg.e_mac,
+    )
     run.test_acc = result["top1"]
     lr = float(run.optimizer.param_groups[0]["lr"])
     run.scheduler.step()
@@ -140,18 +169,37 @@ def end_epoch(run: Run, epoch_sums: Tensor, start: float) -> None:
     is_best = run.test_acc > run.best_acc or not (run.run_dir / "best.pt").exists()  # the first epoch writes one
     run.best_acc = max(run.best_acc, run.test_acc)
     e_loss, e_correct, e_n = dist.all_reduce_sum(epoch_sums.clone()).tolist()
-    record = {"kind": "epoch", "epoch": run.epoch, "step": run.step, "train_loss": e_loss / max(e_n, 1),
-              "train_acc": 100.0 * e_correct / max(e_n, 1), "test_loss": result["loss"], "test_acc": run.test_acc,
-              "test_top5": result["top5"], "best_acc": run.best_acc, "lr": lr, "seconds": time.perf_counter() - start,
-              **cost}
-    run.logger.log(record, {"test/loss": result["loss"], "test/acc": run.test_acc, "test/top5": result["top5"],
-                            **{k.replace("test_", "test/", 1): v for k, v in cost.items()},
-                            **{f"lr/{g.get('name', j)}": float(g["lr"])
-                               for j, g in enumerate(run.optimizer.param_groups)}}, run.step)
+    record = {
+        "kind": "epoch",
+        "epoch": run.epoch,
+        "step": run.step,
+        "train_loss": e_loss / max(e_n, 1),
+        "train_acc": 100.0 * e_correct / max(e_n, 1),
+        "test_loss": result["loss"],
+        "test_acc": run.test_acc,
+        "test_top5": result["top5"],
+        "best_acc": run.best_acc,
+        "lr": lr,
+        "seconds": time.perf_counter() - start,
+        **cost,
+    }
+    run.logger.log(
+        record,
+        {
+            "test/loss": result["loss"],
+            "test/acc": run.test_acc,
+            "test/top5": result["top5"],
+            **{k.replace("test_", "test/", 1): v for k, v in cost.items()},
+            **{f"lr/{g.get('name', j)}": float(g["lr"]) for j, g in enumerate(run.optimizer.param_groups)},
+        },
+        run.step,
+    )
     run.logger.log_params(neuron_record(run.model, run.epoch, run.step))
-    dist.print0(f"epoch {run.epoch}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} acc "
-                f"{record['train_acc']:.2f}% ({train_seconds:.1f} s) | test loss {result['loss']:.4f} top-1 "
-                f"{run.test_acc:.2f}% top-5 {result['top5']:.2f}% | best {run.best_acc:.2f}% | lr {lr:.4g}")
+    dist.print0(
+        f"epoch {run.epoch}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} acc "
+        f"{record['train_acc']:.2f}% ({train_seconds:.1f} s) | test loss {result['loss']:.4f} top-1 "
+        f"{run.test_acc:.2f}% top-5 {result['top5']:.2f}% | best {run.best_acc:.2f}% | lr {lr:.4g}"
+    )
     run.save("last.pt")
     if is_best:
         run.save("best.pt")
@@ -175,8 +223,10 @@ def fit(run: Run) -> StopReason:
         skip = 0
         if not complete:  # mid-epoch: save where we are; the next run skips the batches done
             run.save("last.pt")
-            dist.print0(f"stopped ({stopped.value}) at step {run.step}, epoch {run.epoch + 1}: saved "
-                        f"{run.run_dir / 'last.pt'}; continue with --resume auto")
+            dist.print0(
+                f"stopped ({stopped.value}) at step {run.step}, epoch {run.epoch + 1}: saved "
+                f"{run.run_dir / 'last.pt'}; continue with --resume auto"
+            )
             return stopped
         end_epoch(run, sums, start)
         if stopped is not None:
@@ -195,8 +245,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         run = build_run(cfg, info, resume)
         run.run_dir = run_folder(cfg, resume is not None, info)
         if run.run_dir != Path(cfg.run_dir):
-            dist.print0(f"{cfg.run_dir} holds another run: this one writes to {run.run_dir} (--resume auto continues "
-                        f"{cfg.run_dir}; --name picks another name)")
+            dist.print0(
+                f"{cfg.run_dir} holds another run: this one writes to {run.run_dir} (--resume auto continues "
+                f"{cfg.run_dir}; --name picks another name)"
+            )
         dist.print0(format_config(cfg))
         # A resumed run keeps its records up to the checkpoint. `--resume auto` with no checkpoint yet restarts the
         # same run from scratch (e.g. torchrun restarting a group that died before its first checkpoint): the
@@ -220,10 +272,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             signal.signal(signal.SIGTERM, previous)
             run.logger.close()
     dist.barrier()
-    dist.print0(f"{'finished' if stopped is StopReason.DONE else 'stopped'}: epoch {run.epoch}, step {run.step}, "
-                f"best test top-1 {run.best_acc:.2f}%; checkpoints in {run.run_dir}")
-    return {"model": run.model, "epoch": run.epoch, "step": run.step, "best_acc": run.best_acc,
-            "test_acc": run.test_acc, "stopped": stopped, "run_dir": str(run.run_dir)}
+    dist.print0(
+        f"{'finished' if stopped is StopReason.DONE else 'stopped'}: epoch {run.epoch}, step {run.step}, "
+        f"best test top-1 {run.best_acc:.2f}%; checkpoints in {run.run_dir}"
+    )
+    return {
+        "model": run.model,
+        "epoch": run.epoch,
+        "step": run.step,
+        "best_acc": run.best_acc,
+        "test_acc": run.test_acc,
+        "stopped": stopped,
+        "run_dir": str(run.run_dir),
+    }
 
 
 def format_config(cfg: TrainConfig) -> str:

@@ -24,8 +24,15 @@ PARAM_GROUPS = ("glif", "single")  # the `mode` of param_groups
 SCHEDULERS = ("cosine", "soft-cosine")  # the `kind` of build_scheduler
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, mode: str = "glif", tunable_lif: bool = False,
-                 gate_lr_divisor: float = 10.0) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    mode: str = "glif",
+    tunable_lif: bool = False,
+    gate_lr_divisor: float = 10.0,
+) -> list[dict]:
     """SGD parameter groups as docs/training.md §2 (each group also carries a `name`)."""
     if mode == "single":
         return [dict(name="all", params=[p for p in model.parameters()], lr=lr, weight_decay=weight_decay)]
@@ -36,18 +43,31 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, mode: str 
         leaf = name.rsplit(".", 1)[-1]
         (choice if leaf in GATE_NAMES else cal if leaf in NEURON_NAMES else other).append(p)
     if not tunable_lif:
-        return [dict(name="other", params=other, lr=lr, weight_decay=weight_decay),
-                dict(name="glif", params=cal + choice, lr=lr, weight_decay=0.0)]
-    return [dict(name="other", params=other, lr=lr, weight_decay=weight_decay),
-            dict(name="neuron", params=cal, lr=lr, weight_decay=0.0),
-            dict(name="gates", params=choice, lr=lr / gate_lr_divisor, weight_decay=0.0)]
+        return [
+            dict(name="other", params=other, lr=lr, weight_decay=weight_decay),
+            dict(name="glif", params=cal + choice, lr=lr, weight_decay=0.0),
+        ]
+    return [
+        dict(name="other", params=other, lr=lr, weight_decay=weight_decay),
+        dict(name="neuron", params=cal, lr=lr, weight_decay=0.0),
+        dict(name="gates", params=choice, lr=lr / gate_lr_divisor, weight_decay=0.0),
+    ]
 
 
-def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float, mode: str,
-                    tunable_lif: bool, gate_lr_divisor: float) -> torch.optim.SGD:
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    mode: str,
+    tunable_lif: bool,
+    gate_lr_divisor: float,
+) -> torch.optim.SGD:
     """SGD (no Nesterov, dampening 0) over `param_groups`."""
-    groups = param_groups(model, lr=lr, weight_decay=weight_decay, mode=mode, tunable_lif=tunable_lif,
-                          gate_lr_divisor=gate_lr_divisor)
+    groups = param_groups(
+        model, lr=lr, weight_decay=weight_decay, mode=mode, tunable_lif=tunable_lif, gate_lr_divisor=gate_lr_divisor
+    )
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
@@ -57,8 +77,9 @@ def soft_cosine_factor(k: int, t_max: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(k, t_max) / t_max))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, kind: str, epochs: int,
-                    t_max: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, kind: str, epochs: int, t_max: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule. cosine: PyTorch's CosineAnnealingLR(T_max = t_max or epochs, eta_min 0), periodic when
     t_max < epochs (the DVS run); soft-cosine: the reference's multi-parameter scheduler (one T_max per group)."""
     t_max = t_max or epochs

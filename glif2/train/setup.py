@@ -35,8 +35,18 @@ from glif2.train.optim import build_optimizer, build_scheduler
 from glif2.train.records import Logger
 
 # The fields a resumed run must share with its checkpoint (anything else, e.g. epochs or lr, may change).
-RESUME_FIELDS = ("model", "T", "dataset", "batch_size", "channel_wise", "variant", "gate_mode", "params", "bn",
-                 "sync_bn")
+RESUME_FIELDS = (
+    "model",
+    "T",
+    "dataset",
+    "batch_size",
+    "channel_wise",
+    "variant",
+    "gate_mode",
+    "params",
+    "bn",
+    "sync_bn",
+)
 
 
 class Objective(nn.Module):
@@ -84,10 +94,20 @@ class Run:
 
     def save(self, name: str) -> None:
         if self.info.is_main:
-            save_checkpoint(self.run_dir / name, model=self.model, config=self.cfg.to_dict(), optimizer=self.optimizer,
-                            scheduler=self.scheduler, scaler=self.scaler, rng=rng_state(), epoch=self.epoch,
-                            step=self.step, best_acc=self.best_acc, test_acc=self.test_acc,
-                            world_size=self.info.world_size)
+            save_checkpoint(
+                self.run_dir / name,
+                model=self.model,
+                config=self.cfg.to_dict(),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                rng=rng_state(),
+                epoch=self.epoch,
+                step=self.step,
+                best_acc=self.best_acc,
+                test_acc=self.test_acc,
+                world_size=self.info.world_size,
+            )
 
 
 # set-up
@@ -97,24 +117,32 @@ def preflight(cfg: TrainConfig, world_size: int) -> tuple[Path, dict[str, Any]] 
     """Every check that can fail before any work is done; returns the checkpoint to resume from, (its path, its
     contents on the CPU), or None."""
     if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} (global) does not divide over {world_size} ranks; "
-                          f"use a multiple of {world_size}")
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} (global) does not divide over {world_size} ranks; "
+            f"use a multiple of {world_size}"
+        )
     eval_batch = cfg.eval_batch_size or cfg.batch_size
     if eval_batch % world_size:
         raise ConfigError(f"eval_batch_size={eval_batch} (global) does not divide over {world_size} ranks")
     if cfg.dataset != "digits" and not cfg.download and not Path(cfg.data_dir).is_dir():
-        raise ConfigError(f"data folder {cfg.data_dir!r} does not exist (dataset {cfg.dataset}); pass --data-dir "
-                          "with the dataset root" + (", or --download" if cfg.dataset != "imagenet" else ""))
+        raise ConfigError(
+            f"data folder {cfg.data_dir!r} does not exist (dataset {cfg.dataset}); pass --data-dir "
+            "with the dataset root" + (", or --download" if cfg.dataset != "imagenet" else "")
+        )
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cfg.compile_mode == "reduce-overhead" and not cuda:
-        raise ConfigError("compile_mode=reduce-overhead needs CUDA (it is CUDA graphs); use auto, default or "
-                          "max-autotune")
+        raise ConfigError(
+            "compile_mode=reduce-overhead needs CUDA (it is CUDA graphs); use auto, default or max-autotune"
+        )
     if cfg.compile_cache not in ("", "off") and not Path(cfg.compile_cache).is_file():
-        raise ConfigError(f"--compile-cache {cfg.compile_cache}: no such file; pass another run's compile_cache.bin, "
-                          "or leave it out")
+        raise ConfigError(
+            f"--compile-cache {cfg.compile_cache}: no such file; pass another run's compile_cache.bin, or leave it out"
+        )
     if cfg.sync_bn and world_size > 1 and not cuda:
-        raise ConfigError("sync_bn across processes needs GPUs: torch's DDP refuses SyncBatchNorm on the CPU; "
-                          "drop --sync-bn (each process then normalises its own shard)")
+        raise ConfigError(
+            "sync_bn across processes needs GPUs: torch's DDP refuses SyncBatchNorm on the CPU; "
+            "drop --sync-bn (each process then normalises its own shard)"
+        )
     model_options(cfg)  # a model that cannot take the dataset's input is refused here, before any data is read
     if cfg.resume == "":
         return None
@@ -126,22 +154,28 @@ def preflight(cfg: TrainConfig, world_size: int) -> tuple[Path, dict[str, Any]] 
     try:
         ckpt = load_checkpoint(path, map_location="cpu")
     except CheckpointError as e:
-        raise CheckpointError(f"cannot resume: {e}. Resume from another checkpoint (--resume PATH, e.g. the run's "
-                              "best.pt) or start a new run under another --name") from None
+        raise CheckpointError(
+            f"cannot resume: {e}. Resume from another checkpoint (--resume PATH, e.g. the run's "
+            "best.pt) or start a new run under another --name"
+        ) from None
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} has no training config: not a train.py checkpoint")
     saved = TrainConfig.from_dict(saved)
     for key in RESUME_FIELDS:
         if getattr(saved, key) != getattr(cfg, key):
-            raise ConfigError(f"cannot resume {path}: it was trained with {key}={getattr(saved, key)!r} but this run "
-                              f"has {key}={getattr(cfg, key)!r}; pass --{key.replace('_', '-')} "
-                              f"{getattr(saved, key)} or a new --name")
+            raise ConfigError(
+                f"cannot resume {path}: it was trained with {key}={getattr(saved, key)!r} but this run "
+                f"has {key}={getattr(cfg, key)!r}; pass --{key.replace('_', '-')} "
+                f"{getattr(saved, key)} or a new --name"
+            )
     saved_world = ckpt.get("world_size", world_size)
     if saved_world != world_size:
-        raise ConfigError(f"cannot resume {path}: it was written by a run on {saved_world} processes and this one has "
-                          f"{world_size}; the data order and batches per rank would differ. Resume with "
-                          f"{saved_world} processes, or start a new --name")
+        raise ConfigError(
+            f"cannot resume {path}: it was written by a run on {saved_world} processes and this one has "
+            f"{world_size}; the data order and batches per rank would differ. Resume with "
+            f"{saved_world} processes, or start a new --name"
+        )
     return path, ckpt
 
 
@@ -152,11 +186,20 @@ def model_options(cfg: TrainConfig) -> dict[str, Any]:
     inputs = model_inputs(cfg.model)
     if inputs["kind"] != info.kind:
         shapes = {"image": "images `b c h w`", "frames": "event frames `b t c h w`"}
-        raise ConfigError(f"model {cfg.model} takes {shapes[inputs['kind']]} but dataset {cfg.dataset} gives "
-                          f"{shapes[info.kind]}; pick a model for {cfg.dataset}")
-    options = dict(channel_wise=cfg.channel_wise, gate_mode=cfg.gate_mode, gate_init=tuple(cfg.gate_init),
-                   variant=cfg.variant, params=cfg.params,
-                   bn="plain" if cfg.sync_bn else cfg.bn, in_channels=info.in_channels, memory=cfg.memory)
+        raise ConfigError(
+            f"model {cfg.model} takes {shapes[inputs['kind']]} but dataset {cfg.dataset} gives "
+            f"{shapes[info.kind]}; pick a model for {cfg.dataset}"
+        )
+    options = dict(
+        channel_wise=cfg.channel_wise,
+        gate_mode=cfg.gate_mode,
+        gate_init=tuple(cfg.gate_init),
+        variant=cfg.variant,
+        params=cfg.params,
+        bn="plain" if cfg.sync_bn else cfg.bn,
+        in_channels=info.in_channels,
+        memory=cfg.memory,
+    )
     if inputs["input_size"]:
         options["input_size"] = info.input_size
     return options
@@ -179,9 +222,14 @@ def run_folder(cfg: TrainConfig, resuming: bool, info: dist.DistInfo) -> Path:
 def process_state(cfg: TrainConfig):
     """Seeds and sets threads and determinism for the run, and puts back on exit what it found (RNG states, threads,
     cuDNN flags, deterministic algorithms, CUBLAS_WORKSPACE_CONFIG), so that train() leaves the process as it was."""
-    saved = (rng_state(), torch.get_num_threads(), torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
-             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    saved = (
+        rng_state(),
+        torch.get_num_threads(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
@@ -206,18 +254,31 @@ def process_state(cfg: TrainConfig):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
+def build_loaders(cfg: TrainConfig, info: dist.DistInfo) -> tuple[Any, Any]:
+    """This rank's loaders: static training batches (whole batches only), every test sample counted once over the
+    ranks."""
+    common = dict(
+        data_dir=cfg.data_dir,
+        T=cfg.T if pipelines.DATASETS[cfg.dataset].kind == "frames" else None,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=info.device,
+        backend=cfg.backend,
+        seed=cfg.seed,
+        download=cfg.download,
+        num_workers=cfg.num_workers,
+    )
+    train_loader = pipelines.build_loader(cfg.dataset, "train", batch_size=cfg.batch_size // info.world_size, **common)
+    test_batch = (cfg.eval_batch_size or cfg.batch_size) // info.world_size
+    return train_loader, pipelines.build_loader(cfg.dataset, "test", batch_size=test_batch, **common)
+
+
 def build_run(cfg: TrainConfig, info: dist.DistInfo, resume: tuple[Path, dict[str, Any]] | None) -> Run:
     """Data, model, compile, DDP, optimizer, and the state of the checkpoint being resumed (preflight's)."""
-    device, world = info.device, info.world_size
+    device = info.device
     compile_mode = compile_mode_for(cfg, device)
     cudagraphs = compile_mode == "reduce-overhead"
-    # data: static training batches (whole batches only), every test sample counted once over the ranks
-    common = dict(data_dir=cfg.data_dir, T=cfg.T if pipelines.DATASETS[cfg.dataset].kind == "frames" else None,
-                  rank=info.rank, world_size=world, device=device, backend=cfg.backend, seed=cfg.seed,
-                  download=cfg.download, num_workers=cfg.num_workers)
-    train_loader = pipelines.build_loader(cfg.dataset, "train", batch_size=cfg.batch_size // world, **common)
-    test_loader = pipelines.build_loader(cfg.dataset, "test", batch_size=(cfg.eval_batch_size or cfg.batch_size)
-                                         // world, **common)
+    train_loader, test_loader = build_loaders(cfg, info)
     # model: built identically on every rank (same seed); the raw module is what gets saved
     model = create_model(cfg.model, train_loader.num_classes, cfg.T, **model_options(cfg))
     if cfg.randomgate:
@@ -227,8 +288,10 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo, resume: tuple[Path, dict[st
     if resume is not None:
         model.load_state_dict(resume[1]["model"], strict=True)
     model.to(device)
-    dist.print0(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                f"{len(list(glif_layers(model)))} GLIF layers; compile={cfg.compile} ({compile_mode})")
+    dist.print0(
+        f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{len(list(glif_layers(model)))} GLIF layers; compile={cfg.compile} ({compile_mode})"
+    )
     # compile before DDP (keeps DDP out of the graph), then DDP over the compiled objective
     amp_dtype = getattr(torch, cfg.amp_dtype) if cfg.amp else None
     cache = compile_cache_path(cfg)
@@ -241,21 +304,41 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo, resume: tuple[Path, dict[st
         compile_regions(model, compile_mode)
     step_module = objective
     if info.distributed:
-        step_module = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index]
-                                                          if device.type == "cuda" else None)
+        step_module = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
     # optimizer, schedule, scaler (as the reference: SGD groups by name, per-epoch cosine)
-    optimizer = build_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                mode=cfg.param_groups, tunable_lif=cfg.tunable_lif, gate_lr_divisor=cfg.gate_lr_divisor)
+    optimizer = build_optimizer(
+        model,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        mode=cfg.param_groups,
+        tunable_lif=cfg.tunable_lif,
+        gate_lr_divisor=cfg.gate_lr_divisor,
+    )
     kind = cfg.scheduler if cfg.scheduler != "auto" else ("soft-cosine" if cfg.tunable_lif else "cosine")
     scheduler = build_scheduler(optimizer, kind=kind, epochs=cfg.epochs, t_max=cfg.t_max)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # The optimizer step stays eager: a few foreach kernels, whose state (momentum buffers) would otherwise be created
     # inside a CUDA graph's memory pool and overwritten by the next replay.
-    run = Run(cfg=cfg, info=info, run_dir=Path(cfg.run_dir), model=model, objective=objective,
-              step_module=step_module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-              train_loader=train_loader, test_loader=test_loader, cudagraphs=cudagraphs,
-              compile_cache=None if cfg.compile == "none" or cfg.compile_cache == "off" or (cache and cache.is_file())
-              else Path(cfg.run_dir) / COMPILE_CACHE)
+    run = Run(
+        cfg=cfg,
+        info=info,
+        run_dir=Path(cfg.run_dir),
+        model=model,
+        objective=objective,
+        step_module=step_module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        cudagraphs=cudagraphs,
+        compile_cache=None
+        if cfg.compile == "none" or cfg.compile_cache == "off" or (cache and cache.is_file())
+        else Path(cfg.run_dir) / COMPILE_CACHE,
+    )
     if resume is not None:
         restore(run, *resume)
     return run
@@ -292,5 +375,17 @@ def restore(run: Run, path: Path, ckpt: dict[str, Any]) -> None:
     dist.print0(f"resumed {path}: epoch {run.epoch}, step {run.step}, best top-1 {run.best_acc:.2f}")
 
 
-__all__ = ["COMPILE_CACHE", "RESUME_FIELDS", "Objective", "Run", "build_run", "compile_cache_path", "compile_mode_for",
-           "model_options", "preflight", "process_state", "restore", "run_folder"]
+__all__ = [
+    "COMPILE_CACHE",
+    "RESUME_FIELDS",
+    "Objective",
+    "Run",
+    "build_run",
+    "compile_cache_path",
+    "compile_mode_for",
+    "model_options",
+    "preflight",
+    "process_state",
+    "restore",
+    "run_folder",
+]
