@@ -192,11 +192,11 @@ def main() -> None:
                     flush=True,
                 )
             pair = {r["scope"]: r for r in rows if r["model"] == model}
-            if {"model", "regional"} <= pair.keys() and "cold_s" in pair["model"]:
+            if {"model", "regional"} <= pair.keys():
                 m, r = pair["model"], pair["regional"]
+                ratios = [f"{k[:-2]} {r[k] / m[k]:.2f}x" for k in ("cold_s", "warm_s", "artifacts_s") if k in m]
                 print(
-                    f"{'':<14}    regional vs model: cold {m['cold_s'] / r['cold_s']:.1f}x shorter, warm step "
-                    f"{r['step_ms'] / m['step_ms']:.2f}x",
+                    f"{'':<14}    regional / model time: {', '.join(ratios)}, step {r['step_ms'] / m['step_ms']:.2f}x",
                     flush=True,
                 )
     if args.json:

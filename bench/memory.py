@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import glif2
 from glif2.compile import compile_model
-from glif2.memory import neuron_steps, saved_activation_bytes
+from glif2.memory.measure import neuron_steps, saved_activation_bytes
 from glif2.train.setup import Objective
 from pipelines import DATASETS
 

@@ -3,8 +3,13 @@
 neuron form, with and without grad), and the dynamo bug GLIF.forward works around."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from torch._inductor.utils import run_and_get_code
 import glif2
 from glif2 import GLIF, TimeMerged, tdBatchNorm
 from glif2.compile import (
+    compile_model,
     compile_regions,
     eager_kernels,
     kernels_are_eager,
@@ -261,6 +267,19 @@ def test_regional_compile_makes_one_graph_per_distinct_block_shape():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_graphs_holding_glif_enter_the_autograd_cache():
+    """A compiled net holding GLIF's autograd Function is cached by AOTAutograd like any other graph (torch leaves
+    such graphs out unless told; glif2's compiled callables tell it): compiled again after dynamo forgot it, the
+    joint graph is a cache hit, not traced again."""
+    x = torch.randn(3, 2, 3, 8, 8)
+    compile_model(small_net())(x).sum().backward()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_model(small_net())(x).sum().backward()
+    assert counters["aot_autograd"]["autograd_cache_hit"] >= 1, dict(counters["aot_autograd"])
+    assert not counters["aot_autograd"]["autograd_cache_bypass"], dict(counters["aot_autograd"])
+
+
 def test_regions_uncompiled_runs_the_raw_forwards_and_restores():
     model = glif2.create_model("glifnet_small", 10, 2)
     compile_regions(model, "default")
@@ -284,6 +303,8 @@ def test_compile_cache_round_trip_and_what_it_refuses(tmp_path):
     head, payload = path.read_bytes().split(b"\n", 1)
     header = json.loads(head)
     assert header["torch"] == torch.__version__ and header["bytes"] == len(payload)
+    assert header["binaries"] and header["toolchain"]  # the sin kernel's C++ library at least
+    assert header["artifacts"] + sum(size for _, size in header["binaries"]) == len(payload)
     assert load_compile_cache(path, cpu)
 
     def refused(blob: bytes, why: str) -> None:
@@ -303,3 +324,62 @@ def test_compile_cache_round_trip_and_what_it_refuses(tmp_path):
         warnings.simplefilter("always")
         assert not load_compile_cache(tmp_path / "missing.bin", cpu)
     assert len(caught) == 1
+
+
+def saved_cache(tmp_path) -> tuple[Path, dict]:
+    torch.compile(lambda v: v.cos() + 2, fullgraph=True)(torch.randn(5))
+    path = tmp_path / "compile_cache.bin"
+    assert save_compile_cache(path, torch.device("cpu"))
+    return path, json.loads(path.read_bytes().split(b"\n", 1)[0])
+
+
+def test_compile_cache_installs_kernel_libraries_where_the_toolchain_matches(tmp_path, monkeypatch):
+    """The file carries the C++ libraries inductor built, and loading it writes them into an empty inductor cache
+    byte for byte; from another compiler or C library, or under a path outside the cache, they are left out with a
+    warning while the artifacts still load."""
+    path, header = saved_cache(tmp_path)
+    source = Path(torch._inductor.codecache.cache_dir())
+    fresh = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(fresh))
+    assert load_compile_cache(path, torch.device("cpu"))
+    for rel, size in header["binaries"]:
+        assert (fresh / rel).read_bytes() == (source / rel).read_bytes() and size > 0
+    payload = path.read_bytes().split(b"\n", 1)[1]
+
+    def libraries_ignored(changed: dict, why: str) -> None:
+        shutil.rmtree(fresh)
+        other = tmp_path / "other.bin"
+        other.write_bytes(json.dumps({**header, **changed}).encode() + b"\n" + payload)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert load_compile_cache(other, torch.device("cpu"))  # the artifacts still load
+        assert len(caught) == 1 and "kernel libraries ignored" in str(caught[0].message), caught
+        assert why in str(caught[0].message)
+        assert not list(fresh.rglob("*.so")) and not list(tmp_path.glob("*.so"))
+
+    libraries_ignored({"toolchain": "0" * 16}, "another C++ compiler")
+    escape = [["../../escape.so", header["binaries"][0][1]], *header["binaries"][1:]]
+    libraries_ignored({"binaries": escape}, "escape.so")
+
+
+def test_a_fresh_cache_compiles_nothing_from_a_saved_file(tmp_path):
+    """A second process with an empty inductor cache and the saved file runs the same compiled function without
+    building any C++ library (kernels and instruction-set probes come from the file): every library in its cache
+    afterwards is one the file installed, untouched."""
+    path, _ = saved_cache(tmp_path)
+    fresh = tmp_path / "inductor"
+    script = f"""
+import os, sys, torch
+from pathlib import Path
+from glif2.compile import load_compile_cache
+assert load_compile_cache({str(path)!r}, torch.device("cpu"))
+root = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+installed = {{p: p.stat().st_ino for p in root.rglob("*.so")}}
+x = torch.randn(5)
+torch.testing.assert_close(torch.compile(lambda v: v.cos() + 2, fullgraph=True)(x), x.cos() + 2)
+after = {{p: p.stat().st_ino for p in root.rglob("*.so")}}
+assert installed and after == installed, sorted(str(p) for p in set(after) ^ set(installed))
+"""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(fresh), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
