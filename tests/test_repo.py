@@ -9,6 +9,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,8 @@ def test_no_foreign_documents_or_machine_paths():
     for path in SOURCES:
         text = path.read_text(errors="ignore")
         assert not foreign.search(text), f"{path.relative_to(ROOT)} cites a document outside the repository"
-        for local in (str(ROOT.parent), str(Path.home())):
+        # a clone under the system's temp folder (CI) makes that folder the parent; scripts may name it on purpose
+        for local in {str(ROOT.parent), str(Path.home())} - {tempfile.gettempdir(), "/"}:
             assert local + "/" not in text, f"{path.relative_to(ROOT)} names a path of this machine ({local})"
 
 
