@@ -9,7 +9,9 @@ Shape letters: b batch, t steps, c channels, h w space.
 Per model (at its preset's T, a small batch, memory "lean" as train.py runs it) and per compile scope ("model": the
 whole model and loss as one graph; "regional": each block once per distinct shape, train.py's default), each case
 runs in a fresh process:
-- cold: an empty inductor cache (a new TORCHINDUCTOR_CACHE_DIR); the process saves its compile artifacts;
+- cold: an empty inductor cache (a new TORCHINDUCTOR_CACHE_DIR, and a new temporary folder: inductor keeps its
+  precompiled C++ header under the temporary folder whatever the cache folder, and building it is part of a first
+  start, ~8 s here); the process saves its compile artifacts;
 - warm: the same cache again (a resume or a second run on the same machine);
 - artifacts: another empty cache, with the artifacts of the cold run loaded first (a resume on another machine,
   the other ranks of a job: glif2.compile.load_compile_cache).
@@ -119,7 +121,14 @@ def run_case(model: str, scope: str, kind: str, cache_dir: str, artifacts: str, 
         cmd += ["--save", artifacts]
     if kind == "artifacts":
         cmd += ["--load", artifacts]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    tmp = Path(f"{cache_dir}-tmp")  # shared by cold and warm (one cache folder), fresh for artifacts (docstring)
+    tmp.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": cache_dir,
+        "TMPDIR": str(tmp),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     start = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if out.returncode != 0:

@@ -11,7 +11,11 @@ Importing glif2 changes no global torch setting. What compiled glif2 code needs 
   once more (~30 s each for the digits net on CPU);
 - graphs holding glif2's custom autograd Functions may enter AOTAutograd's cache (torch leaves them out by
   default, so a warm start traced every block's joint graph again, ~5 s for ResNet-19 on CPU): dynamo traces each
-  Function's forward and backward into the graph, so both are part of the cache key.
+  Function's forward and backward into the graph, so both are part of the cache key;
+- graphs calling einops.reduce (the GLIF's parameter gradients, a network's mean over steps) may enter it too:
+  torch lists einops' rearrange and repeat as cacheable but not reduce, which is as pure a function of its tensor
+  and pattern; the mark holds einops' version, so another einops is another key. Left out, ResNet-19's warm start
+  traced and lowered the gradient kernel's three graphs again.
 
 One switch decides whether the fused kernels run compiled: `eager_kernels()`, read at call time
 (docs/performance.md §7.4). Nothing else carries it: no module, autograd Function, custom op or saved config.
@@ -37,6 +41,7 @@ import torch
 import torch._dynamo.config as dynamo_config
 import torch._functorch.config as functorch_config
 import torch._inductor
+import torch._inductor.config as inductor_config
 from torch import nn
 
 COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")  # inductor's modes, and no compilation
@@ -45,6 +50,7 @@ DYNAMO_LIMITS = {"recompile_limit": 128, "accumulated_recompile_limit": 1024}
 # Graphs holding a custom autograd.Function (the GLIF's surrogate, the lean unit) may enter AOTAutograd's cache
 # (see the module docstring).
 AUTOGRAD_CACHE = {"autograd_cache_allow_custom_autograd_functions": True}
+CACHEABLE = {"einops.einops.reduce": einops.__version__}  # may enter AOTAutograd's cache (the module docstring)
 
 
 class _Switch:
@@ -90,7 +96,12 @@ def scoped(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(*args, **kwargs):
         _allow_einops_in_graph()
-        with dynamo_config.patch(**_limits()), functorch_config.patch(**AUTOGRAD_CACHE):
+        cacheable = {**inductor_config.unsafe_marked_cacheable_functions, **CACHEABLE}
+        with (
+            dynamo_config.patch(**_limits()),
+            functorch_config.patch(**AUTOGRAD_CACHE),
+            inductor_config.patch(unsafe_marked_cacheable_functions=cacheable),
+        ):
             return fn(*args, **kwargs)
 
     return run

@@ -32,6 +32,7 @@ from glif2.compile import (
     save_compile_cache,
 )
 from glif2.kernels import GLIFCoeffs, GLIFFunction, fused_backward, fused_forward
+from glif2.train.setup import Objective
 
 
 def small_net() -> nn.Module:
@@ -278,6 +279,31 @@ def test_graphs_holding_glif_enter_the_autograd_cache():
     compile_model(small_net())(x).sum().backward()
     assert counters["aot_autograd"]["autograd_cache_hit"] >= 1, dict(counters["aot_autograd"])
     assert not counters["aot_autograd"]["autograd_cache_bypass"], dict(counters["aot_autograd"])
+
+
+@pytest.mark.parametrize("scope", ["regional", "model"])
+def test_every_graph_of_a_network_enters_the_autograd_cache(scope):
+    """The digits net as train.py compiles it (lean memory, training), in both scopes: compiled again after dynamo
+    forgot it, every graph is an AOTAutograd cache hit. Its head means over steps with einops.reduce and the lean
+    unit's backward computes the GLIF's parameter gradients with it; torch does not list reduce as cacheable, and
+    such a graph was traced and lowered again on every start (the whole model, under `model`)."""
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+
+    def step():
+        torch.manual_seed(0)
+        model = glif2.create_model("glifnet_small", 10, 2)
+        objective = Objective(model, 0.0, None)
+        objective = compile_model(objective) if scope == "model" else objective
+        if scope == "regional":
+            compile_regions(model)
+        objective(x, y)[0].backward()
+
+    step()
+    torch._dynamo.reset()
+    counters.clear()
+    step()
+    aot = dict(counters["aot_autograd"])
+    assert aot.get("autograd_cache_hit", 0) >= 2 and aot["autograd_cache_hit"] == aot["total"], aot
 
 
 def test_regions_uncompiled_runs_the_raw_forwards_and_restores():
