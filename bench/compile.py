@@ -14,7 +14,7 @@ runs in a fresh process:
   start, ~8 s here); the process saves its compile artifacts;
 - warm: the same cache again (a resume or a second run on the same machine);
 - artifacts: another empty cache, with the artifacts of the cold run loaded first (a resume on another machine,
-  the other ranks of a job: glif2.compile.load_compile_cache).
+  the other ranks of a job: glif2.compile_cache.load_compile_cache).
 "first step" is the wall time of the first forward, backward and optimizer step, compilation included; "step" the
 median of the steps after it in the warm run (compilation done); "graphs" what dynamo compiled. Processes run one
 after another, so nothing else competes with them; the machine should be quiet.
@@ -50,7 +50,8 @@ def worker(args) -> None:
     from torch._dynamo.utils import counters
 
     import glif2
-    from glif2.compile import compile_model, compile_regions, load_compile_cache, save_compile_cache
+    from glif2.compile import compile_model, compile_regions
+    from glif2.compile_cache import load_compile_cache, save_compile_cache
     from glif2.train.setup import Objective
 
     device = torch.device(args.device)

@@ -25,16 +25,8 @@ residual block, its head) through one shared compiled function, so blocks of the
 """
 
 import functools
-import hashlib
-import json
-import os
-import platform
-import re
-import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import einops
 import torch
@@ -43,6 +35,8 @@ import torch._functorch.config as functorch_config
 import torch._inductor
 import torch._inductor.config as inductor_config
 from torch import nn
+
+from glif2.compile_cache import deferred_headers
 
 COMPILE_MODES = ("none", "default", "max-autotune", "reduce-overhead")  # inductor's modes, and no compilation
 COMPILE_SCOPES = ("regional", "model", "none")  # what is compiled: each region, the whole model, nothing
@@ -101,6 +95,7 @@ def scoped(fn: Callable) -> Callable:
             dynamo_config.patch(**_limits()),
             functorch_config.patch(**AUTOGRAD_CACHE),
             inductor_config.patch(unsafe_marked_cacheable_functions=cacheable),
+            deferred_headers(),
         ):
             return fn(*args, **kwargs)
 
@@ -217,163 +212,18 @@ def compile_scope(model: nn.Module, scope: str, mode: str = "default") -> nn.Mod
     return model
 
 
-# the portable compile cache
-
-
-CACHE_FORMAT = "glif2-compile-cache/2"
-# where inductor keeps a compiled C++ kernel library, within its cache directory: <2 chars>/<key>[.main].so
-_BINARY = re.compile(r"[a-z0-9]{2}/[a-z0-9]+(\.main)?\.so")
-
-
-def cache_key(device: torch.device) -> dict[str, str]:
-    """What saved compile artifacts must match to be loaded: this file format, the torch and Python versions and
-    the device kind. Within a file, inductor keys each graph by its own content (code, shapes, dtypes, settings), so
-    a graph that differs is simply compiled afresh."""
-    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
-    return {"format": CACHE_FORMAT, "torch": torch.__version__, "python": platform.python_version(), "device": kind}
-
-
-def _toolchain() -> str:
-    """What a compiled C++ kernel library needs beyond cache_key to run here: the same C++ compiler and C library."""
-    from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
-
-    text = f"{get_compiler_version_info(get_cpp_compiler())} {platform.libc_ver()}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _kernel_binaries() -> dict[str, bytes]:
-    """The C++ libraries inductor built for this process, by path within its cache directory: the CPU kernels it
-    loaded, and the probes of the instruction sets this CPU runs (each loaded once in a child process; the marker of
-    that success is not carried, so a fresh cache probes again, without the compiler). torch's artifacts hold the
-    kernels' source, not the libraries, so without these a fresh cache runs the C++ compiler once per kernel again:
-    most of a CPU cold start (docs/performance.md §8.3)."""
-    from torch._inductor import codecache
-
-    root = Path(codecache.cache_dir()).resolve()
-    names = getattr(getattr(codecache, "CppPythonBindingsCodeCache", None), "_loaded_module_names", ())
-    files = [getattr(sys.modules.get(name), "__file__", None) for name in list(names)]
-    files += [str(marker)[: -len(".load_ok")] for marker in root.glob("*/*.so.load_ok")]
-    found = {}
-    for file in files:
-        path = Path(file).resolve() if file else None
-        if path is not None and path.is_file() and path.is_relative_to(root):
-            rel = path.relative_to(root).as_posix()
-            if _BINARY.fullmatch(rel):
-                found[rel] = path.read_bytes()
-    return found
-
-
-def _install_binaries(binaries: dict[str, bytes]) -> None:
-    """Writes kernel libraries into inductor's cache directory where absent (atomically: a process compiling the
-    same kernel meanwhile sees one whole file or the other). Inductor names a library by a hash of its source and
-    compile command, so one that is not wanted here is never looked up."""
-    from torch._inductor import codecache
-
-    root = Path(codecache.cache_dir())
-    for rel, data in binaries.items():
-        if not _BINARY.fullmatch(rel):
-            raise ValueError(f"damaged (kernel library path {rel!r})")
-        dest = root / rel
-        if dest.exists():
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def save_compile_cache(path: str | os.PathLike, device: torch.device) -> bool:
-    """Writes every compile artifact this process made (torch.compiler.save_cache_artifacts) and the C++ kernel
-    libraries it loaded to `path`, atomically: a JSON header line (cache_key, the toolchain, the parts' sizes, a
-    sha256 of the payload) then the payload. Returns False when there is nothing to save."""
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None or not saved[0]:
-        return False
-    artifacts = saved[0]
-    try:
-        binaries = _kernel_binaries()
-        toolchain = _toolchain() if binaries else None
-    except Exception as err:  # inductor's internals moved (another torch): torch's artifacts alone still help
-        warnings.warn(f"compile cache {path}: kernel libraries not saved: {err}", stacklevel=2)
-        binaries, toolchain = {}, None
-    payload = b"".join([artifacts, *binaries.values()])
-    header = {
-        **cache_key(device),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "bytes": len(payload),
-        "artifacts": len(artifacts),
-        "binaries": [[rel, len(data)] for rel, data in binaries.items()],
-        "toolchain": toolchain,
-    }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(json.dumps(header).encode() + b"\n" + payload)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
-
-
-def _read_cache(path: str | os.PathLike, device: torch.device) -> tuple[dict, bytes, dict[str, bytes]]:
-    """The header, the artifacts and the kernel libraries of a cache file; raises ValueError naming what is wrong."""
-    blob = Path(path).read_bytes()
-    head, _, payload = blob.partition(b"\n")
-    header = json.loads(head)
-    want = cache_key(device)
-    if not isinstance(header, dict) or {k: header.get(k) for k in want} != want:
-        got = header if isinstance(header, dict) else {}
-        reason = "; ".join(f"{k} {got.get(k)!r}, here {v!r}" for k, v in want.items() if got.get(k) != v)
-        raise ValueError(f"made elsewhere ({reason})")
-    if len(payload) != header.get("bytes") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-        raise ValueError("damaged (its checksum does not match)")
-    start = header["artifacts"]
-    binaries = {}
-    for rel, size in header["binaries"]:
-        binaries[rel] = payload[start : start + size]
-        start += size
-    return header, payload[: header["artifacts"]], binaries
-
-
-def load_compile_cache(path: str | os.PathLike, device: torch.device) -> bool:
-    """Loads compile artifacts saved by `save_compile_cache`, so that the graphs they hold compile from them instead
-    of from scratch, and installs its C++ kernel libraries where this machine's compiler and C library are those
-    that built them. A file that is damaged, of another format, or made by another torch, Python or device kind is
-    ignored with a one-line warning, never an error. Returns whether it was loaded."""
-    try:
-        header, artifacts, binaries = _read_cache(path, device)
-        torch.compiler.load_cache_artifacts(artifacts)
-    except Exception as err:  # any failure only costs the compile time it would have saved
-        warnings.warn(f"compile cache {path} ignored: {err}", stacklevel=2)
-        return False
-    try:
-        if binaries and header["toolchain"] != _toolchain():
-            raise ValueError("built by another C++ compiler or C library; they are compiled afresh")
-        _install_binaries(binaries)
-    except Exception as err:
-        warnings.warn(f"compile cache {path}: kernel libraries ignored: {err}", stacklevel=2)
-    return True
-
-
 __all__ = [
-    "CACHE_FORMAT",
     "COMPILE_MODES",
     "COMPILE_SCOPES",
     "DYNAMO_LIMITS",
-    "cache_key",
     "compile_kernel",
     "compile_model",
     "compile_regions",
     "compile_scope",
     "eager_kernels",
     "kernels_are_eager",
-    "load_compile_cache",
     "regions",
     "regions_uncompiled",
     "run_region",
-    "save_compile_cache",
     "scoped",
 ]

@@ -25,12 +25,11 @@ from glif2.compile import (
     compile_regions,
     eager_kernels,
     kernels_are_eager,
-    load_compile_cache,
     regions,
     regions_uncompiled,
     run_region,
-    save_compile_cache,
 )
+from glif2.compile_cache import load_compile_cache, save_compile_cache
 from glif2.kernels import GLIFCoeffs, GLIFFunction, fused_backward, fused_forward
 from glif2.train.setup import Objective
 
@@ -389,23 +388,35 @@ def test_compile_cache_installs_kernel_libraries_where_the_toolchain_matches(tmp
 
 
 def test_a_fresh_cache_compiles_nothing_from_a_saved_file(tmp_path):
-    """A second process with an empty inductor cache and the saved file runs the same compiled function without
-    building any C++ library (kernels and instruction-set probes come from the file): every library in its cache
-    afterwards is one the file installed, untouched."""
+    """A second process with an empty inductor cache, an empty temporary folder and the saved file runs the same
+    function, compiled under glif2's settings, without building any C++ library (kernels and instruction-set probes
+    come from the file) and without inductor's precompiled header: every library in its cache afterwards is one the
+    file installed, untouched, and no header was built. A function the file does not hold then compiles with the
+    header built first."""
     path, _ = saved_cache(tmp_path)
-    fresh = tmp_path / "inductor"
+    fresh, temp = tmp_path / "inductor", tmp_path / "temp"
+    temp.mkdir()
     script = f"""
 import os, sys, torch
 from pathlib import Path
-from glif2.compile import load_compile_cache
+from glif2.compile import scoped
+from glif2.compile_cache import load_compile_cache
 assert load_compile_cache({str(path)!r}, torch.device("cpu"))
-root = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+root, temp = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]), Path({str(temp)!r})
 installed = {{p: p.stat().st_ino for p in root.rglob("*.so")}}
 x = torch.randn(5)
-torch.testing.assert_close(torch.compile(lambda v: v.cos() + 2, fullgraph=True)(x), x.cos() + 2)
+torch.testing.assert_close(scoped(torch.compile(lambda v: v.cos() + 2, fullgraph=True))(x), x.cos() + 2)
 after = {{p: p.stat().st_ino for p in root.rglob("*.so")}}
 assert installed and after == installed, sorted(str(p) for p in set(after) ^ set(installed))
+assert not list(temp.rglob("*.gch")), "a precompiled header was built though no kernel was compiled"
+torch.testing.assert_close(scoped(torch.compile(lambda v: v.tan() * 5, fullgraph=True))(x), x.tan() * 5)
+assert len(list(temp.rglob("*.gch"))) == 1, "the kernel compiled without its precompiled header"
 """
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(fresh), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(fresh),
+        "TMPDIR": str(temp),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+    }
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

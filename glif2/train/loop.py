@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import glif2.train.distributed as dist
-from glif2.compile import save_compile_cache
+from glif2.compile_cache import save_compile_cache
 from glif2.errors import ConfigError
 from glif2.train.config import TrainConfig
 from glif2.train.evaluation import evaluate_epoch

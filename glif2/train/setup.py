@@ -25,7 +25,8 @@ import glif2.train.distributed as dist
 import pipelines
 from glif2.analysis import glif_layers
 from glif2.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from glif2.compile import compile_model, compile_regions, load_compile_cache
+from glif2.compile import compile_model, compile_regions
+from glif2.compile_cache import load_compile_cache
 from glif2.errors import CheckpointError, ConfigError
 from glif2.models import create_model
 from glif2.models.registry import model_inputs
