@@ -15,7 +15,9 @@ Importing glif2 changes no global torch setting. What compiled glif2 code needs 
 - graphs calling einops.reduce (the GLIF's parameter gradients, a network's mean over steps) may enter it too:
   torch lists einops' rearrange and repeat as cacheable but not reduce, which is as pure a function of its tensor
   and pattern; the mark holds einops' version, so another einops is another key. Left out, ResNet-19's warm start
-  traced and lowered the gradient kernel's three graphs again.
+  traced and lowered the gradient kernel's three graphs again;
+- inductor's precompiled C++ header is built only before the first kernel that needs the compiler, not whenever
+  a cached kernel is loaded (glif2/compile_cache.py `deferred_headers`).
 
 One switch decides whether the fused kernels run compiled: `eager_kernels()`, read at call time
 (docs/performance.md §7.4). Nothing else carries it: no module, autograd Function, custom op or saved config.
