@@ -11,7 +11,7 @@ whole model and loss as one graph; "regional": each block once per distinct shap
 runs in a fresh process:
 - cold: an empty inductor cache (a new TORCHINDUCTOR_CACHE_DIR, and a new temporary folder: inductor keeps its
   precompiled C++ header under the temporary folder whatever the cache folder, and building it is part of a first
-  start, ~8 s here); the process saves its compile artifacts;
+  start, ~5 s here); the process saves its compile artifacts;
 - warm: the same cache again (a resume or a second run on the same machine);
 - artifacts: another empty cache, with the artifacts of the cold run loaded first (a resume on another machine,
   the other ranks of a job: glif2.compile_cache.load_compile_cache).
@@ -50,7 +50,7 @@ def worker(args) -> None:
     from torch._dynamo.utils import counters
 
     import glif2
-    from glif2.compile import compile_model, compile_regions
+    from glif2.compile import compile_scope
     from glif2.compile_cache import load_compile_cache, save_compile_cache
     from glif2.train.setup import Objective
 
@@ -66,11 +66,7 @@ def worker(args) -> None:
     y = torch.randint(0, classes, (shape[0],), device=device)
     loaded = load_compile_cache(args.load, device) if args.load else False
     mode = "reduce-overhead" if device.type == "cuda" else "default"
-    objective = Objective(model, 0.0, None)
-    if args.scope == "model":
-        objective = compile_model(objective, mode)
-    else:
-        compile_regions(model, mode)
+    objective = compile_scope(Objective(model, 0.0, None), args.scope, mode)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:

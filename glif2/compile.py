@@ -204,7 +204,8 @@ def regions_uncompiled(model: nn.Module) -> Iterator[nn.Module]:
 
 def compile_scope(model: nn.Module, scope: str, mode: str = "default") -> nn.Module:
     """`scope` "regional" (compile_regions, in place; returns the model), "model" (compile_model; returns the
-    wrapper) or "none"."""
+    wrapper) or "none". `model` may be a training objective whose regions() are its network's: train.py compiles
+    the objective (network and loss) as one graph under "model" and the network's blocks under "regional"."""
     if scope not in COMPILE_SCOPES:
         raise ValueError(f"compile scope {scope!r}; choose one of {COMPILE_SCOPES}")
     if scope == "regional":

@@ -5,6 +5,7 @@ Everything here leans on inductor's internals where torch has no public API (its
 step); where those moved in another torch, the cache still carries torch's own artifacts and says so in one warning.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -162,6 +163,7 @@ _PENDING_HEADERS: dict[str, tuple[str, Sequence]] = {}
 _PENDING_LOCK = threading.Lock()
 
 
+@functools.cache  # one wrapper per build step: deferred_headers() runs on every glif2-compiled call
 def _deferring_headers(build: Callable) -> Callable:
     """inductor's C++ build step (a lock path and builders), changed in one way: a precompiled header is recorded
     instead of built, and built before the first build that runs the compiler (its own lock and existence check

@@ -23,6 +23,7 @@ from glif2 import GLIF, TimeMerged, tdBatchNorm
 from glif2.compile import (
     compile_model,
     compile_regions,
+    compile_scope,
     eager_kernels,
     kernels_are_eager,
     regions,
@@ -291,11 +292,7 @@ def test_every_graph_of_a_network_enters_the_autograd_cache(scope):
     def step():
         torch.manual_seed(0)
         model = glif2.create_model("glifnet_small", 10, 2)
-        objective = Objective(model, 0.0, None)
-        objective = compile_model(objective) if scope == "model" else objective
-        if scope == "regional":
-            compile_regions(model)
-        objective(x, y)[0].backward()
+        compile_scope(Objective(model, 0.0, None), scope)(x, y)[0].backward()
 
     step()
     torch._dynamo.reset()

@@ -25,7 +25,7 @@ import glif2.train.distributed as dist
 import pipelines
 from glif2.analysis import glif_layers
 from glif2.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from glif2.compile import compile_model, compile_regions
+from glif2.compile import compile_scope, regions
 from glif2.compile_cache import load_compile_cache
 from glif2.errors import CheckpointError, ConfigError
 from glif2.models import create_model
@@ -63,6 +63,10 @@ class Objective(nn.Module):
             logits = self.model(x)
         logits = logits.float()
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
+
+    def regions(self) -> list[nn.Module]:
+        """The model's regions: regional compilation of the objective compiles its network's blocks."""
+        return regions(self.model)
 
 
 @dataclass
@@ -298,11 +302,7 @@ def build_run(cfg: TrainConfig, info: dist.DistInfo, resume: tuple[Path, dict[st
     cache = compile_cache_path(cfg)
     if cfg.compile != "none" and cache is not None and cache.is_file():
         load_compile_cache(cache, device)  # a damaged or mismatched file is ignored with a warning
-    objective = Objective(model, cfg.label_smoothing, amp_dtype)
-    if cfg.compile == "model":
-        objective = compile_model(objective, compile_mode)
-    elif cfg.compile == "regional":
-        compile_regions(model, compile_mode)
+    objective = compile_scope(Objective(model, cfg.label_smoothing, amp_dtype), cfg.compile, compile_mode)
     step_module = objective
     if info.distributed:
         step_module = nn.parallel.DistributedDataParallel(
